@@ -29,7 +29,11 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        callback=_version_callback,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """cogfun: precompute VAE/T5 latents into a Zarr store, then train the transformer on them."""
@@ -38,14 +42,21 @@ def _root(
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Path = typer.Argument(..., help="Folder to write the model into (diffusers layout)."),
-    variant: str = typer.Option("2b-inp", "--variant", help="2b-inp (33 input channels), 2b (16), 5b-inp (rotary)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the random weights; same seed, same bytes."),
+    variant: str = typer.Option(
+        "2b-inp", "--variant", help="2b-inp (33 input channels), 2b (16), 5b-inp (rotary)."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed for the random weights; same seed, same bytes."
+    ),
 ) -> None:
     """Write a random-weight miniature CogVideoX-Fun model folder (runs in seconds on a CPU)."""
     from cogfun.common.tiny import VARIANTS, write_tiny_model
 
     if variant not in VARIANTS:
-        raise typer.BadParameter(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}", param_hint="--variant")
+        raise typer.BadParameter(
+            f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}",
+            param_hint="--variant",
+        )
     path = write_tiny_model(out_dir, variant=variant, seed=seed)
     typer.echo(f"wrote tiny {variant} model to {path}")
 
