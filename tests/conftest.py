@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("COLUMNS", "300")  # rich wraps error boxes at the terminal width
 
 # Outputs of the original CogVideoX-Fun code (see tests/golden/README.md), copied into the repo.
 GOLDEN = Path(__file__).resolve().parent / "golden"
