@@ -1,0 +1,160 @@
+"""Creating or resuming a store (`open_for_write`).
+
+Private helper of `cogfun.common.store`. The whole pre-sized store is built in a sibling folder and
+renamed into place, so a half-created store never exists under the final name. An existing store is
+resumed only with the same fingerprint, layout and plan; otherwise FingerprintMismatch names what
+differs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from cogfun.common.store_io import check_root, create_array
+from cogfun.common.store_schema import (
+    DEFAULT_COMPRESSION,
+    FAILURES_DIR,
+    SCHEMA_VERSION,
+    STORE_FORMAT,
+    BucketPlan,
+    FingerprintMismatch,
+    StoreError,
+    StoreLayout,
+    StorePlan,
+    caption_specs,
+    fingerprint,
+    normalise_json,
+    plan_digest,
+    plan_specs,
+    provenance_strings,
+    sample_specs,
+    settings_diff,
+    shared_specs,
+    text_checksum,
+    validate_plan,
+)
+from cogfun.common.store_write import StoreWriter, now_iso
+
+# Variable-width strings: a fixed-width numpy array would pad every row to the longest one.
+STRINGS = np.dtypes.StringDType()
+
+
+def _validate_layout(layout: StoreLayout) -> None:
+    if layout.latent_format not in ("moments", "sample"):
+        raise StoreError(
+            f"layout.latent_format must be 'moments' or 'sample', not {layout.latent_format!r}"
+        )
+    if (
+        min(layout.latent_channels, layout.text_len, layout.text_dim) < 1
+        or layout.masks_per_sample < 0
+    ):
+        raise StoreError(f"layout has a non-positive size: {layout}")
+
+
+def _create(
+    path: Path, root_attrs: dict, plan: StorePlan, layout: StoreLayout, compression: dict
+) -> None:
+    """Build the whole pre-sized store in a sibling folder, then rename it into place."""
+    tmp = path.parent / f".{path.name}.creating"
+    if tmp.exists():  # left by a creator killed mid-way; only one process ever creates
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(str(tmp), mode="w", attributes=root_attrs)
+    buckets = root.create_group("buckets")
+    for b in plan.buckets:
+        n = len(b.rows)
+        group = buckets.create_group(b.name, attributes=_bucket_attrs(b, layout))
+        for spec in sample_specs(n, b, layout) + plan_specs(n) + shared_specs(b, layout):
+            create_array(group, spec, compression)
+        if n:
+            prov = provenance_strings(b)
+            group["caption"][:] = np.asarray([r.caption for r in b.rows], dtype=np.int64)
+            group["provenance"][:] = np.asarray(prov, dtype=STRINGS)
+            group["provenance_hash"][:] = np.asarray(
+                [text_checksum(p) for p in prov], dtype=np.uint64
+            )
+    captions = root.create_group("captions")
+    for spec in caption_specs(len(plan.captions), layout):
+        create_array(captions, spec, compression)
+    captions["texts"][:] = np.asarray(plan.captions, dtype=STRINGS)
+    (tmp / FAILURES_DIR).mkdir()
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()  # an empty folder the user made for the store
+    os.rename(tmp, path)
+
+
+def _bucket_attrs(b: BucketPlan, layout: StoreLayout) -> dict:
+    return {
+        "frames": b.frames,
+        "height": b.height,
+        "width": b.width,
+        "latent_frames": b.latent_frames,
+        "latent_h": b.latent_h,
+        "latent_w": b.latent_w,
+        "latent_shape": [b.latent_frames, layout.latent_channels, b.latent_h, b.latent_w],
+        "rows": len(b.rows),
+    }
+
+
+def open_for_write(
+    path: str | Path,
+    *,
+    settings: dict,
+    attrs: dict,
+    plan: StorePlan,
+    layout: StoreLayout,
+    create: bool,
+    compression: dict | None = None,
+) -> StoreWriter:
+    """Create (create=True, one process only) or resume a store; refuse different settings.
+
+    `compression` (BloscCodec arguments) only applies when the store is created; it changes no
+    decoded byte, so it is not part of the fingerprint.
+    """
+    path = Path(path)
+    _validate_layout(layout)
+    validate_plan(plan, str(path))
+    settings = normalise_json(settings, "settings")
+    digest = plan_digest(plan)
+    if not (path / "zarr.json").exists():
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+            raise StoreError(f"{path} exists and is not a cogfun store: choose another store path")
+        if not create:
+            raise StoreError(
+                f"no store at {path}: the first process (create=True) must create it before others open it"
+            )
+        root_attrs = {
+            "format": STORE_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "status": "writing",
+            "fingerprint": fingerprint(settings),
+            "settings": settings,
+            "attrs": normalise_json(attrs, "attrs"),
+            "layout": layout.to_json(),
+            "buckets": [b.name for b in plan.buckets],
+            "captions": len(plan.captions),
+            "plan_digest": digest,
+            "compression": dict(compression or DEFAULT_COMPRESSION),
+            "created_at": now_iso(),
+        }
+        _create(path, root_attrs, plan, layout, dict(compression or DEFAULT_COMPRESSION))
+    else:
+        old = check_root(path)
+        if old["fingerprint"] != fingerprint(settings):
+            diff = settings_diff(old["settings"], settings)
+            raise FingerprintMismatch(
+                path, diff or {"fingerprint": (old["fingerprint"], fingerprint(settings))}
+            )
+        diff = {f"layout.{k}": v for k, v in settings_diff(old["layout"], layout.to_json()).items()}
+        if old.get("plan_digest") != digest:
+            diff["plan (the rows, their draws and captions)"] = (old.get("plan_digest"), digest)
+        if diff:
+            raise FingerprintMismatch(path, diff)
+    writer = StoreWriter(path, plan, layout)
+    if create and writer.root.attrs.get("status") == "complete":
+        writer.root.attrs.update({"status": "writing"})  # a rerun may add samples: index is stale
+    return writer

@@ -1,0 +1,178 @@
+"""Low-level zarr access for the store: metadata checks, array creation/opening, bf16 bit views.
+
+Private helper of `cogfun.common.store`. Every zarr call that can fail on a damaged store is wrapped
+here so that the error names the file on disk and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from cogfun.common.store_schema import SCHEMA_VERSION, STORE_FORMAT, ArraySpec, StoreError
+from zarr.codecs import BloscCodec
+
+# Flat chunk keys (`c.17.0.0.0.0`): one file per chunk, no directory per chunk index.
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
+
+
+def node_json(path: Path) -> dict:
+    """The parsed `zarr.json` of a group or array folder, or a StoreError naming the file."""
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        raise StoreError(f"{meta} is missing: not a cogfun store, or the store is damaged")
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{meta} is unreadable or was edited: {exc}") from exc
+    if not isinstance(data, dict) or data.get("zarr_format") != 3 or "node_type" not in data:
+        raise StoreError(f"{meta} is not Zarr v3 metadata (edited or damaged)")
+    return data
+
+
+def node_attributes(path: Path, node_type: str) -> dict:
+    data = node_json(path)
+    if data["node_type"] != node_type:
+        raise StoreError(
+            f"{path / 'zarr.json'}: expected a {node_type}, found a {data['node_type']}"
+        )
+    attrs = data.get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise StoreError(f"{path / 'zarr.json'}: attributes are not an object (edited or damaged)")
+    return attrs
+
+
+def open_root(path: Path, mode: str) -> zarr.Group:
+    try:
+        return zarr.open_group(str(path), mode=mode, use_consolidated=False)
+    except Exception as exc:  # zarr raises several types for one cause: a bad root
+        raise StoreError(f"{path}: cannot open the store's root group: {exc}") from exc
+
+
+def open_group(root: zarr.Group, name: str, group_dir: Path) -> zarr.Group:
+    """A child group of the root, its metadata checked first so errors name the file."""
+    node_attributes(group_dir, "group")
+    try:
+        group = root[name]
+    except Exception as exc:
+        raise StoreError(f"{group_dir / 'zarr.json'}: cannot open group: {exc}") from exc
+    if not isinstance(group, zarr.Group):
+        raise StoreError(f"{group_dir / 'zarr.json'}: expected a group")
+    return group
+
+
+def create_array(group: zarr.Group, spec: ArraySpec, compression: dict) -> zarr.Array:
+    if spec.dtype == "str":
+        return group.create_array(spec.name, shape=spec.shape, chunks=spec.chunks, dtype=str)
+    compressors = [BloscCodec(**compression)] if spec.compressed else None
+    return group.create_array(
+        spec.name,
+        shape=spec.shape,
+        chunks=spec.chunks,
+        dtype=spec.dtype,
+        fill_value=0,
+        compressors=compressors,
+        chunk_key_encoding=CHUNK_KEY_ENCODING,
+    )
+
+
+def open_array(group: zarr.Group, group_dir: Path, spec: ArraySpec) -> zarr.Array:
+    """Open one array and check its shape and dtype against the schema."""
+    where = group_dir / spec.name / "zarr.json"
+    node_json(group_dir / spec.name)
+    try:
+        arr = group[spec.name]
+    except Exception as exc:
+        raise StoreError(f"{where}: cannot open array: {exc}") from exc
+    if not isinstance(arr, zarr.Array):
+        raise StoreError(f"{where}: expected an array")
+    dtype_ok = arr.dtype.kind in "TUO" if spec.dtype == "str" else arr.dtype == np.dtype(spec.dtype)
+    if tuple(arr.shape) != spec.shape or not dtype_ok:
+        raise StoreError(
+            f"{where}: shape {tuple(arr.shape)} dtype {arr.dtype} does not match the schema "
+            f"({spec.shape}, {spec.dtype}); the metadata was edited or the store is damaged"
+        )
+    return arr
+
+
+def read_flags(arr: zarr.Array) -> np.ndarray:
+    """Read a (N,) checksum array; a chunk that cannot be read counts as 0 ('not written')."""
+    try:
+        return np.asarray(arr[:], dtype=np.uint64)
+    except Exception:  # one bad chunk must not hide every good one: fall back to one by one
+        out = np.zeros(arr.shape, dtype=np.uint64)
+        for i in range(arr.shape[0]):
+            try:
+                out[i] = arr[i]
+            except Exception:
+                out[i] = 0
+        return out
+
+
+def to_bits(x: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A bf16 tensor (or any float tensor, cast to bf16, or uint16 bits) as a uint16 numpy array."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to("cpu")
+        if t.dtype != torch.uint16:
+            if not t.is_floating_point():
+                raise StoreError(f"{what}: expected a floating-point tensor, got {t.dtype}")
+            t = t.to(torch.bfloat16).contiguous().view(torch.uint16)
+        bits = t.contiguous().numpy()
+    elif isinstance(x, np.ndarray) and x.dtype == np.uint16:
+        bits = x
+    else:
+        raise StoreError(
+            f"{what}: expected a torch tensor (bf16) or uint16 bits, got {type(x).__name__}"
+        )
+    if tuple(bits.shape) != tuple(shape):
+        raise StoreError(f"{what}: expected shape {tuple(shape)}, got {tuple(bits.shape)}")
+    return np.ascontiguousarray(bits)
+
+
+def from_bits(bits: np.ndarray) -> torch.Tensor:
+    """uint16 bits -> bf16 tensor (lossless)."""
+    return torch.from_numpy(np.ascontiguousarray(bits, dtype=np.uint16)).view(torch.bfloat16)
+
+
+def to_flags(x: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """All-masked flags (B, K) from a tensor, array or nested list, as uint8."""
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.shape != tuple(shape):
+        raise StoreError(f"{what}: expected shape {tuple(shape)}, got {arr.shape}")
+    return arr.astype(bool).astype(np.uint8)
+
+
+def disk_bytes(path: Path) -> int:
+    """Apparent size of every file under path."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_root(path: Path) -> dict:
+    """Root attributes of an existing store, after checking the format and schema version."""
+    attrs = node_attributes(path, "group")
+    where = path / "zarr.json"
+    if attrs.get("format") != STORE_FORMAT:
+        raise StoreError(f"{where}: not a cogfun store (no `format: {STORE_FORMAT}` attribute)")
+    version = attrs.get("schema_version")
+    if not isinstance(version, int):
+        raise StoreError(f"{where}: attribute `schema_version` is missing or edited")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} was written by a newer cogfun (store schema {version}; this cogfun reads "
+            f"schema {SCHEMA_VERSION}): upgrade cogfun to read it"
+        )
+    if version < SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has the old store schema {version} (this cogfun reads {SCHEMA_VERSION}): "
+            "run precompute again into a new store"
+        )
+    for key in ("status", "fingerprint", "settings", "layout", "buckets", "captions"):
+        if key not in attrs:
+            raise StoreError(f"{where}: attribute `{key}` is missing (edited or damaged)")
+    return attrs

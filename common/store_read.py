@@ -1,0 +1,323 @@
+"""Reading a store (`open_store`, `StoreReader`).
+
+Private helper of `cogfun.common.store`. Opening reads the root attributes, each bucket's group
+attributes and its one-chunk done index, nothing per sample, so it takes as long for 100k samples
+as for 1k. Every read verifies the sample's checksum unless told not to: zarr returns the fill value
+for a missing chunk, so only content checks catch a deleted or truncated chunk file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from cogfun.common import store_scan
+from cogfun.common.store_io import (
+    check_root,
+    from_bits,
+    node_attributes,
+    open_array,
+    open_group,
+    open_root,
+    read_flags,
+)
+from cogfun.common.store_schema import (
+    BucketInfo,
+    DamagedSample,
+    StoreError,
+    StoreLayout,
+    caption_checksum,
+    caption_specs,
+    checksum,
+    plan_specs,
+    sample_checksum,
+    sample_specs,
+    shared_specs,
+)
+
+SAMPLE_ARRAYS = ("latents", "masks", "masked_latents", "all_masked")
+_SOURCE_KEYS = ("file", "file_path", "path", "source")
+
+
+def _mismatch_reason(stored: int) -> str:
+    if stored == 0:
+        return "its done flag is missing (checksum chunk deleted or zeroed)"
+    return "its contents do not match the checksum written with them (missing, truncated or altered chunk)"
+
+
+def open_store(path: str | Path, *, allow_incomplete: bool = False) -> StoreReader:
+    """Open a finished store for reading (fast: reads metadata and the per-bucket done indexes)."""
+    return StoreReader(Path(path), allow_incomplete=allow_incomplete)
+
+
+class StoreReader:
+    """Read access to one store. Picklable: a copy reopens the store (for DataLoader workers)."""
+
+    def __init__(self, path: Path, *, allow_incomplete: bool = False):
+        self.path = Path(path)
+        self._allow_incomplete = allow_incomplete
+        root = check_root(self.path)
+        self.status: str = root["status"]
+        if self.status != "complete" and not allow_incomplete:
+            raise StoreError(
+                f"{self.path} is incomplete (status {self.status!r}): a precompute is still running "
+                "or was interrupted; rerun the same precompute command to finish it"
+            )
+        self.root_attrs = root
+        self.attrs: dict = root.get("attrs", {})
+        self.settings: dict = root["settings"]
+        self.fingerprint: str = root["fingerprint"]
+        self.layout = StoreLayout.from_json(root["layout"], str(self.path / "zarr.json"))
+        self._root = open_root(self.path, "r")
+        self._arrays: dict[str, dict[str, zarr.Array]] = {}
+        self._rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._shared: dict[str, np.ndarray] = {}
+        self._done: dict[str, np.ndarray] = {}
+        self.buckets: dict[str, BucketInfo] = {
+            name: self._open_bucket(name) for name in root["buckets"]
+        }
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path), "allow_incomplete": self._allow_incomplete}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(Path(state["path"]), allow_incomplete=state["allow_incomplete"])
+
+    def _open_bucket(self, name: str) -> BucketInfo:
+        group_dir = self.path / "buckets" / name
+        a = node_attributes(group_dir, "group")
+        try:
+            info = BucketInfo(
+                name=name,
+                frames=int(a["frames"]),
+                height=int(a["height"]),
+                width=int(a["width"]),
+                latent_shape=tuple(int(v) for v in a["latent_shape"]),
+                slots=np.zeros(0, dtype=np.int64),
+                planned=int(a["rows"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(
+                f"{group_dir / 'zarr.json'}: bucket attributes missing or edited ({exc})"
+            ) from exc
+        if self.status == "complete":
+            group = open_group(self._root, f"buckets/{name}", group_dir)
+            done_spec = next(s for s in plan_specs(info.planned) if s.name == "done")
+            done_array = open_array(group, group_dir, done_spec)
+            try:
+                done = np.asarray(done_array[:], dtype=np.uint8)
+            except Exception as exc:  # zarr/blosc raise many types for one cause: a bad chunk
+                raise StoreError(
+                    f"{group_dir / 'done'}: the done index is unreadable: {exc}"
+                ) from exc
+            if checksum([done.tobytes()]) != self.root_attrs.get("index_checksums", {}).get(name):
+                raise StoreError(
+                    f"{group_dir / 'done'}: the done index does not match its checksum (damaged)"
+                )
+        else:  # no index yet: the done flags are the checksums themselves (scans the bucket)
+            done = (read_flags(self._bucket_arrays(name, info)["checksum"]) != 0).astype(np.uint8)
+        return BucketInfo(**{**info.__dict__, "slots": np.flatnonzero(done).astype(np.int64)})
+
+    # ---- lazily opened arrays and plan rows ----
+
+    def _done_mask(self, bucket: str) -> np.ndarray:
+        if bucket not in self._done:
+            info = self._info(bucket)
+            mask = np.zeros(info.planned, dtype=bool)
+            mask[info.slots] = True
+            self._done[bucket] = mask
+        return self._done[bucket]
+
+    def _info(self, bucket: str) -> BucketInfo:
+        if bucket not in self.buckets:
+            raise StoreError(
+                f"{self.path}: no bucket {bucket!r} (buckets: {', '.join(self.buckets)})"
+            )
+        return self.buckets[bucket]
+
+    def _bucket_arrays(self, bucket: str, info: BucketInfo | None = None) -> dict[str, zarr.Array]:
+        if bucket not in self._arrays:
+            info = info or self._info(bucket)
+            group_dir = self.path / "buckets" / bucket
+            group = open_group(self._root, f"buckets/{bucket}", group_dir)
+            specs = sample_specs(info.planned, info, self.layout) + plan_specs(info.planned)
+            specs += shared_specs(info, self.layout)
+            self._arrays[bucket] = {s.name: open_array(group, group_dir, s) for s in specs}
+        return self._arrays[bucket]
+
+    def _caption_arrays(self) -> dict[str, zarr.Array]:
+        if "\0captions" not in self._arrays:
+            m = int(self.root_attrs["captions"])
+            group = open_group(self._root, "captions", self.path / "captions")
+            specs = caption_specs(m, self.layout)
+            self._arrays["\0captions"] = {
+                s.name: open_array(group, self.path / "captions", s) for s in specs
+            }
+        return self._arrays["\0captions"]
+
+    def _plan_rows(self, bucket: str) -> tuple[np.ndarray, np.ndarray]:
+        """(caption index (N,), provenance hash (N,)) of a bucket, loaded once (16 bytes a row)."""
+        if bucket not in self._rows:
+            arrays = self._bucket_arrays(bucket)
+            try:
+                rows = (np.asarray(arrays["caption"][:]), np.asarray(arrays["provenance_hash"][:]))
+            except Exception as exc:
+                raise StoreError(
+                    f"{self.path / 'buckets' / bucket}: plan rows unreadable: {exc}"
+                ) from exc
+            self._rows[bucket] = rows
+        return self._rows[bucket]
+
+    def _shared_latents(self, bucket: str, slot: int) -> np.ndarray:
+        if bucket not in self._shared:
+            arrays = self._bucket_arrays(bucket)
+            try:
+                bits = np.asarray(arrays["all_masked_latents"][...])
+                stored = int(arrays["all_masked_checksum"][0])
+            except Exception as exc:
+                raise self._damaged(
+                    bucket, slot, f"the bucket's all-masked latents are unreadable: {exc}"
+                ) from exc
+            if stored == 0 or checksum([bucket.encode(), bits.tobytes()]) != stored:
+                raise self._damaged(
+                    bucket, slot, "the bucket's shared all-masked latents are missing or damaged"
+                )
+            self._shared[bucket] = bits
+        return self._shared[bucket]
+
+    # ---- public reads ----
+
+    @property
+    def scaling_factor(self) -> float:
+        """The VAE scaling factor the precompute recorded (attrs, settings, or their `vae` entry)."""
+        for source in (self.attrs, self.settings, self.attrs.get("vae"), self.settings.get("vae")):
+            if isinstance(source, dict) and isinstance(source.get("scaling_factor"), int | float):
+                return float(source["scaling_factor"])
+        raise StoreError(
+            f"{self.path}: no `scaling_factor` recorded in the store's attrs or settings"
+        )
+
+    def provenance(self, bucket: str, slot: int) -> dict:
+        value = self._bucket_arrays(bucket)["provenance"][int(slot)]
+        return json.loads(value.item() if isinstance(value, np.ndarray) else str(value))
+
+    def source_file(self, bucket: str, slot: int) -> str | None:
+        try:
+            prov = self.provenance(bucket, slot)
+        except Exception:  # the provenance itself may be what is damaged
+            return None
+        return next((str(prov[k]) for k in _SOURCE_KEYS if k in prov), None)
+
+    def _damaged(self, bucket: str, slot: int, reason: str) -> DamagedSample:
+        return DamagedSample(bucket, slot, reason, self.source_file(bucket, slot))
+
+    def read_rows(
+        self, bucket: str, slots: np.ndarray, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Raw stacked arrays of done slots (uint16 bits, all-masked substituted, caption (B,))."""
+        info = self._info(bucket)
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        done = self._done_mask(bucket)
+        for s in slots:
+            if not 0 <= s < info.planned or not done[s]:
+                raise StoreError(
+                    f"{self.path}: sample {bucket}/{s} is not in the store (never written, or failed)"
+                )
+        arrays = self._bucket_arrays(bucket)
+        names = [n for n in SAMPLE_ARRAYS if n in arrays]
+        try:
+            data = {n: np.asarray(arrays[n].get_orthogonal_selection((slots,))) for n in names}
+            sums = (
+                np.asarray(arrays["checksum"].get_orthogonal_selection((slots,)))
+                if verify
+                else None
+            )
+        except Exception as exc:
+            if len(slots) > 1:  # find which sample is unreadable
+                for s in slots:
+                    self.read_rows(bucket, np.asarray([s]), verify)
+            raise self._damaged(
+                bucket, int(slots[0]), f"a chunk file is unreadable: {exc}"
+            ) from exc
+        captions, prov_hash = self._plan_rows(bucket)
+        if sums is not None:
+            for i, s in enumerate(slots):
+                one = {n: data[n][i] for n in names}
+                expected = sample_checksum(bucket, int(s), one, int(captions[s]), int(prov_hash[s]))
+                if int(sums[i]) != expected:
+                    raise self._damaged(bucket, int(s), _mismatch_reason(int(sums[i])))
+        if "all_masked" in data and data["all_masked"].any():
+            data["masked_latents"][data["all_masked"].astype(bool)] = self._shared_latents(
+                bucket, int(slots[0])
+            )
+        data["caption"] = captions[slots].astype(np.int64)
+        return data
+
+    def read_batch(self, bucket: str, slots: Any, verify: bool = True) -> dict:
+        """Stacked sample tensors: latents (B, F_lat, 2C|C, h, w) bf16; masks (B, K, F_lat, 1, h, w),
+        masked_latents (B, K, F_lat, 2C|C, h, w) bf16 and all_masked (B, K) bool (None in normal
+        stores); caption (B,) int64 indexes `caption_embedding`."""
+        data = self.read_rows(bucket, np.asarray(slots), verify)
+        has_masks = "masks" in data
+        return {
+            "latents": from_bits(data["latents"]),
+            "masks": from_bits(data["masks"]) if has_masks else None,
+            "masked_latents": from_bits(data["masked_latents"]) if has_masks else None,
+            "all_masked": torch.from_numpy(data["all_masked"].astype(bool)) if has_masks else None,
+            "caption": torch.from_numpy(data["caption"]),
+        }
+
+    def read_sample(self, bucket: str, slot: int, verify: bool = True) -> dict:
+        """One sample: the `read_batch` entries without the batch dim; caption is an int."""
+        batch = self.read_batch(bucket, [int(slot)], verify)
+        out = {k: (v[0] if v is not None else None) for k, v in batch.items()}
+        out["caption"] = int(batch["caption"][0])
+        return out
+
+    def caption_bits(self, i: int) -> np.ndarray:
+        """Caption i's embedding as uint16 bits (L, D), checksum verified."""
+        i = int(i)
+        arrays = self._caption_arrays()
+        if not 0 <= i < arrays["embeddings"].shape[0]:
+            raise StoreError(
+                f"{self.path}: caption index {i} is outside 0..{arrays['embeddings'].shape[0] - 1}"
+            )
+        try:
+            bits = np.asarray(arrays["embeddings"][i])
+            stored = int(arrays["checksum"][i])
+        except Exception as exc:
+            raise DamagedSample(
+                "captions", i, f"a caption chunk file is unreadable: {exc}"
+            ) from exc
+        if stored == 0:
+            raise DamagedSample(
+                "captions",
+                i,
+                "this caption's embedding was never written (or its checksum was deleted)",
+            )
+        if caption_checksum(i, bits) != stored:
+            raise DamagedSample("captions", i, "the caption embedding does not match its checksum")
+        return bits
+
+    def caption_embedding(self, i: int) -> torch.Tensor:
+        """Caption i's T5 embedding (L, D) bf16, checksum verified (0 is the empty caption)."""
+        return from_bits(self.caption_bits(i))
+
+    def caption_texts(self) -> list[str]:
+        return [str(t) for t in self._caption_arrays()["texts"][:]]
+
+    def failures(self) -> list[dict]:
+        return store_scan.failures(self)
+
+    def digest(self) -> str:
+        return store_scan.digest(self)
+
+    def verify(self) -> list[tuple[str, int, str]]:
+        return store_scan.verify(self)
+
+    def summary(self) -> dict:
+        return store_scan.summary(self)

@@ -1,0 +1,286 @@
+"""Writing planned slots of an existing store (`StoreWriter`).
+
+Private helper of `cogfun.common.store`. Crash safety comes from the order of writes: each sample's
+arrays are written before its checksum (the done flag), and `finalize` writes the per-bucket done
+index and sets `status: complete` last. zarr writes every file through a temporary name and a
+rename, so a `kill -9` leaves either the old or the new file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from cogfun.common.store_io import open_array, open_group, open_root, read_flags, to_bits, to_flags
+from cogfun.common.store_schema import (
+    FAILURES_DIR,
+    BucketPlan,
+    StoreError,
+    StoreLayout,
+    StorePlan,
+    caption_checksum,
+    caption_specs,
+    checksum,
+    plan_specs,
+    provenance_strings,
+    sample_checksum,
+    sample_specs,
+    shared_specs,
+    text_checksum,
+)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class StoreWriter:
+    """Writes planned slots of an existing store. Several processes may write disjoint slots."""
+
+    def __init__(self, path: Path, plan: StorePlan, layout: StoreLayout):
+        self.path = path
+        self.plan = plan
+        self.layout = layout
+        self.root = open_root(path, "r+")
+        self._plans = {b.name: b for b in plan.buckets}
+        self._arrays: dict[str, dict[str, zarr.Array]] = {}
+        self._prov_hash: dict[str, np.ndarray] = {}
+        self._shared_ok: set[str] = set()
+        # Slots seen without a done flag and not written since: no flag to clear before a write.
+        self._known_empty: dict[str, np.ndarray] = {}
+
+    # ---- lookups ----
+
+    def _bucket(self, bucket: str) -> BucketPlan:
+        if bucket not in self._plans:
+            raise StoreError(
+                f"{self.path}: no bucket {bucket!r} in the plan ({', '.join(self._plans)})"
+            )
+        return self._plans[bucket]
+
+    def _slot(self, b: BucketPlan, slot: int) -> int:
+        if not 0 <= int(slot) < len(b.rows):
+            raise StoreError(
+                f"{self.path}: slot {slot} is outside bucket {b.name} (0..{len(b.rows) - 1})"
+            )
+        return int(slot)
+
+    def _group_arrays(self, bucket: str) -> dict[str, zarr.Array]:
+        if bucket not in self._arrays:
+            b = self._bucket(bucket)
+            group_dir = self.path / "buckets" / bucket
+            group = open_group(self.root, f"buckets/{bucket}", group_dir)
+            specs = sample_specs(len(b.rows), b, self.layout) + plan_specs(len(b.rows))
+            specs += shared_specs(b, self.layout)
+            self._arrays[bucket] = {s.name: open_array(group, group_dir, s) for s in specs}
+            prov = provenance_strings(b)
+            self._prov_hash[bucket] = np.asarray([text_checksum(p) for p in prov], dtype=np.uint64)
+        return self._arrays[bucket]
+
+    def _captions(self) -> dict[str, zarr.Array]:
+        if "\0captions" not in self._arrays:
+            group = open_group(self.root, "captions", self.path / "captions")
+            specs = caption_specs(len(self.plan.captions), self.layout)
+            self._arrays["\0captions"] = {
+                s.name: open_array(group, self.path / "captions", s) for s in specs
+            }
+        return self._arrays["\0captions"]
+
+    # ---- state ----
+
+    def done_slots(self, bucket: str) -> np.ndarray:
+        """(N,) bool: slots whose done flag (checksum) is written, read fresh from disk."""
+        done = read_flags(self._group_arrays(bucket)["checksum"]) != 0
+        self._known_empty[bucket] = ~done
+        return done
+
+    def caption_done(self, i: int) -> bool:
+        return int(self._captions()["checksum"][int(i)]) != 0
+
+    def has_all_masked(self, bucket: str) -> bool:
+        if bucket not in self._shared_ok and self.layout.masks_per_sample:
+            if int(self._group_arrays(bucket)["all_masked_checksum"][0]) != 0:
+                self._shared_ok.add(bucket)
+        return bucket in self._shared_ok
+
+    # ---- writes ----
+
+    def write_caption(self, i: int, embed: Any) -> None:
+        """Store caption i's T5 embedding (L, D); its checksum is written last."""
+        i = int(i)
+        if not 0 <= i < len(self.plan.captions):
+            raise StoreError(
+                f"{self.path}: caption index {i} is outside 0..{len(self.plan.captions) - 1}"
+            )
+        shape = (self.layout.text_len, self.layout.text_dim)
+        bits = to_bits(embed, shape, f"caption {i} embedding")
+        arrays = self._captions()
+        arrays["checksum"][i] = 0
+        arrays["embeddings"][i] = bits
+        arrays["checksum"][i] = caption_checksum(i, bits)
+
+    def write_all_masked(self, bucket: str, moments: Any) -> None:
+        """Store the bucket's one all-masked masked-video latent (F_lat, 2C|C, h, w)."""
+        b = self._bucket(bucket)
+        if not self.layout.masks_per_sample:
+            raise StoreError(f"{self.path}: a normal-mode store (masks_per_sample=0) has no masks")
+        shape = (b.latent_frames, self.layout.stored_channels, b.latent_h, b.latent_w)
+        bits = to_bits(moments, shape, f"all-masked latents of {bucket}")
+        arrays = self._group_arrays(bucket)
+        arrays["all_masked_checksum"][0] = 0
+        arrays["all_masked_latents"][...] = bits
+        arrays["all_masked_checksum"][0] = checksum([bucket.encode(), bits.tobytes()])
+        self._shared_ok.add(bucket)
+
+    def write_sample(
+        self,
+        bucket: str,
+        slot: int,
+        latents: Any,
+        masks: Any = None,
+        masked_latents: Any = None,
+        all_masked: Any = None,
+    ) -> None:
+        """Store one sample: latents (F_lat, 2C|C, h, w); in inpaint stores also masks
+        (K, F_lat, 1, h, w), masked_latents (K, F_lat, 2C|C, h, w) and all_masked (K,)."""
+
+        b = self._bucket(bucket)
+        f, cs, h, w, k = (
+            b.latent_frames,
+            self.layout.stored_channels,
+            b.latent_h,
+            b.latent_w,
+            self.layout.masks_per_sample,
+        )
+        where = f"sample {bucket}/{slot}"
+        self._check_mode(where, masks, masked_latents, all_masked)
+        lat = to_bits(latents, (f, cs, h, w), f"latents of {where}")[None]
+        if not k:
+            self.write_samples(bucket, [slot], lat)
+            return
+        self.write_samples(
+            bucket,
+            [slot],
+            lat,
+            to_bits(masks, (k, f, 1, h, w), f"masks of {where}")[None],
+            to_bits(masked_latents, (k, f, cs, h, w), f"masked_latents of {where}")[None],
+            to_flags(all_masked, (k,), f"all_masked of {where}")[None],
+        )
+
+    def _check_mode(self, where: str, *mask_args: Any) -> None:
+        given = [a is not None for a in mask_args]
+        if self.layout.masks_per_sample and not all(given):
+            raise StoreError(
+                f"{where}: an inpaint store needs masks, masked_latents and all_masked"
+            )
+        if not self.layout.masks_per_sample and any(given):
+            raise StoreError(f"{where}: a normal-mode store (masks_per_sample=0) holds no masks")
+
+    def write_samples(
+        self,
+        bucket: str,
+        slots: Any,
+        latents: Any,
+        masks: Any = None,
+        masked_latents: Any = None,
+        all_masked: Any = None,
+    ) -> None:
+        """Store B samples of one bucket at once (each argument of `write_sample` with a leading B
+        dim). zarr writes the chunks concurrently; every array goes before any checksum."""
+        b = self._bucket(bucket)
+        slots = [self._slot(b, s) for s in np.asarray(slots, dtype=np.int64).reshape(-1)]
+        if len(set(slots)) != len(slots):
+            raise StoreError(f"{self.path}: slots repeat in one write to {bucket}: {slots}")
+        n, k = len(slots), self.layout.masks_per_sample
+        f, cs, h, w = b.latent_frames, self.layout.stored_channels, b.latent_h, b.latent_w
+        where = f"samples {bucket}/{slots[0]}.." if n > 1 else f"sample {bucket}/{slots[0]}"
+        self._check_mode(where, masks, masked_latents, all_masked)
+        data = {"latents": to_bits(latents, (n, f, cs, h, w), f"latents of {where}")}
+        if k:
+            flags = to_flags(all_masked, (n, k), f"all_masked of {where}")
+            if flags.any() and not self.has_all_masked(bucket):
+                raise StoreError(
+                    f"{where} has all-masked variants: call write_all_masked({bucket!r}, ...) first"
+                )
+            stored = to_bits(masked_latents, (n, k, f, cs, h, w), f"masked_latents of {where}")
+            # All-masked variants share the bucket's one latent; storing zeros costs nothing.
+            stored = np.where(flags.astype(bool)[..., None, None, None, None], np.uint16(0), stored)
+            data["masks"] = to_bits(masks, (n, k, f, 1, h, w), f"masks of {where}")
+            data["masked_latents"] = stored
+            data["all_masked"] = flags
+        arrays = self._group_arrays(bucket)
+        sums = np.asarray(
+            [
+                sample_checksum(
+                    bucket,
+                    s,
+                    {name: a[i] for name, a in data.items()},
+                    b.rows[s].caption,
+                    int(self._prov_hash[bucket][s]),
+                )
+                for i, s in enumerate(slots)
+            ],
+            dtype=np.uint64,
+        )
+        index = np.asarray(slots, dtype=np.int64)
+        empty = self._known_empty.get(bucket, np.zeros(len(b.rows), dtype=bool))
+        stale = index[~empty[index]]
+        empty[index] = False  # before any write: a failed write must not leave them 'known empty'
+        # Clear done flags first so a rewrite killed half-way reads as 'not done', not damaged.
+        if len(stale):
+            arrays["checksum"].set_orthogonal_selection(
+                (stale,), np.zeros(len(stale), dtype=np.uint64)
+            )
+        for name, array in data.items():
+            arrays[name].set_orthogonal_selection((index,), array)
+        arrays["checksum"].set_orthogonal_selection((index,), sums)
+
+    def record_failure(self, key: str, file: str, reason: str, row: int | None) -> None:
+        """Record a failed input once per key (one JSON file per key: safe across processes)."""
+        entry = {"key": key, "file": str(file), "reason": str(reason), "row": row}
+        target = self._failure_path(key)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entry, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, target)
+
+    def clear_failure(self, key: str) -> None:
+        """Forget a failure that a rerun has since stored (no error if it was never recorded)."""
+        self._failure_path(key).unlink(missing_ok=True)
+
+    def _failure_path(self, key: str) -> Path:
+        folder = self.path / FAILURES_DIR
+        folder.mkdir(exist_ok=True)
+        return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+    def finalize(self) -> None:
+        """Write each bucket's done index, check captions, then set `status: complete` (last)."""
+        counts, index_sums, needed = {}, {}, set()
+        for b in self.plan.buckets:
+            arrays = self._group_arrays(b.name)
+            done = (read_flags(arrays["checksum"]) != 0).astype(np.uint8)
+            arrays["done"][:] = done
+            counts[b.name] = int(done.sum())
+            index_sums[b.name] = checksum([done.tobytes()])
+            needed.update(b.rows[s].caption for s in np.flatnonzero(done))
+        if sum(counts.values()):
+            needed.add(0)  # caption dropout needs the empty caption whenever anything is stored
+        missing = sorted(i for i in needed if not self.caption_done(i))
+        if missing:
+            shown = ", ".join(f"{i} ({self.plan.captions[i][:40]!r})" for i in missing[:5])
+            raise StoreError(
+                f"{self.path}: cannot finalize, caption embeddings never written: {shown}"
+            )
+        self.root.attrs.update(
+            {
+                "counts": counts,
+                "index_checksums": index_sums,
+                "finalized_at": now_iso(),
+                "status": "complete",
+            }
+        )
