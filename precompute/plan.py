@@ -1,0 +1,341 @@
+"""The plan: every stored sample's draws, bucket, slot and VAE chunk, fixed before any encoding.
+
+A cheap header pass (`probe_rows`) reads each file's size and frame count (images with `width`
+and `height` in the metadata are not opened, as the original's sampler). `build_plan` is then a
+pure function of (metadata rows, probes, options): for each row copy (`video_repeat`) and each of
+its variants (`variants_per_sample`, videos only) it seeds a numpy Generator from
+(seed, row index, repeat, variant) — never a global RNG — and draws, in this order:
+
+1. the clip's frame indices (REFERENCE §2.2, from the header's frame count),
+2. the resolution/frame variant (`choose_video_variant` / `choose_image_variant`, REFERENCE §3),
+
+and, from a second child of the same seed, the K mask seeds (so `--mode normal` and inpaint stores
+with one seed pick the same clips and buckets). Each sample goes to bucket `f{F_lat}_h{h}_w{w}`
+and gets the next slot there; slots of a bucket are cut into `vae_mini_batch` chunks, the unit of
+encoding and of resume (the VAE's floating-point result depends on its batch). Same inputs and
+seed give the same plan, byte for byte, and the store refuses to resume with another plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cogfun.common.buckets import (
+    BucketOptions,
+    center_crop_offsets,
+    choose_image_variant,
+    choose_video_variant,
+    cover_resize_hw,
+    latent_shape,
+    short_side_cap_hw,
+)
+from cogfun.common.store import BucketPlan, RowPlan, StorePlan
+from cogfun.precompute.config import PrecomputeConfig
+from cogfun.precompute.decode import DecodeError, MediaInfo, clip_indices, probe
+from cogfun.precompute.metadata import Row
+
+log = logging.getLogger("cogfun.precompute")
+
+PROBES_FILE = "probes.json"  # header-pass results kept beside the store for resume and other ranks
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that will not be stored: `key` names the row copy or sample, `reason` says why."""
+
+    key: str
+    file: str
+    reason: str
+    row: int | None
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything needed to decode and encode one planned sample."""
+
+    key: str  # "row7.r1.v0": row, repeat, variant
+    bucket: str
+    slot: int
+    row: int
+    file: str  # file_path as written in the metadata
+    path: str  # resolved path
+    kind: str  # "video" | "image"
+    indices: tuple[int, ...]  # source frames to decode (the clip's leading F)
+    clip_frames: int  # frames of the drawn clip: masks are drawn at this length, then cut to F
+    frames: int  # F
+    height: int  # H
+    width: int  # W
+    seed: int  # the variant seed the draws came from
+    mask_seeds: tuple[int, ...]
+    caption: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Samples of one bucket, in slot order, that go through the VAE together."""
+
+    index: int
+    bucket: str
+    samples: tuple[SampleSpec, ...]
+
+
+@dataclass
+class Plan:
+    store: StorePlan
+    samples: list[SampleSpec]
+    chunks: list[Chunk]
+    failures: list[Failure] = field(default_factory=list)
+
+    def chunks_for(self, rank: int, world: int) -> list[Chunk]:
+        """The chunks one process encodes: chunk i goes to rank i % world."""
+        return [c for c in self.chunks if c.index % world == rank]
+
+
+def bucket_options(cfg: PrecomputeConfig) -> BucketOptions:
+    return BucketOptions(
+        image_sample_size=cfg.image_sample_size,
+        video_sample_size=cfg.video_sample_size,
+        token_sample_size=cfg.token_sample_size,
+        video_sample_n_frames=cfg.video_sample_n_frames,
+        enable_bucket=cfg.enable_bucket,
+        random_hw_adapt=cfg.random_hw_adapt,
+        training_with_video_token_length=cfg.training_with_video_token_length,
+        random_frame_crop=cfg.random_frame_crop,
+    )
+
+
+def masks_per_sample(cfg: PrecomputeConfig) -> int:
+    """K mask variants stored per sample: 0 in normal mode (nothing masked is stored)."""
+    return cfg.masks_per_sample if cfg.mode == "inpaint" else 0
+
+
+def short_side_cap(cfg: PrecomputeConfig) -> int:
+    """Decoded video frames keep a short side of at most max(image, video) size (REFERENCE §2.2)."""
+    return max(cfg.image_sample_size, cfg.video_sample_size)
+
+
+# ---- the header pass ----
+
+Probe = MediaInfo | str  # a header, or why the file cannot be used
+
+
+def probe_key(row: Row) -> str:
+    """Probes are keyed by the metadata's own path and kind, so moving the data root keeps them."""
+    return f"{row.type}:{row.file_path}"
+
+
+def probe_rows(
+    rows: list[Row],
+    known: dict[str, Probe] | None = None,
+    prober: Callable[[Path, str], MediaInfo] | None = None,
+) -> dict[str, Probe]:
+    """Header of every usable row's file (each file once), reusing `known` results."""
+    prober = prober or probe
+    out: dict[str, Probe] = dict(known or {})
+    for row in rows:
+        key = probe_key(row)
+        if row.error is not None or key in out:
+            continue
+        if row.type == "image" and row.width and row.height:
+            out[key] = MediaInfo(row.height, row.width, 1)
+            continue
+        try:
+            out[key] = prober(row.path, row.type)
+        except DecodeError as e:
+            out[key] = e.reason
+        except OSError as e:  # permissions, a folder where a file should be, ...
+            out[key] = f"cannot read: {e}"
+    return out
+
+
+def probes_to_json(probes: dict[str, Probe]) -> dict:
+    return {
+        k: ([v.height, v.width, v.frames] if isinstance(v, MediaInfo) else {"error": v})
+        for k, v in sorted(probes.items())
+    }
+
+
+def probes_from_json(data: dict) -> dict[str, Probe]:
+    out: dict[str, Probe] = {}
+    for k, v in data.items():
+        out[k] = str(v["error"]) if isinstance(v, dict) else MediaInfo(*(int(x) for x in v))
+    return out
+
+
+def save_probes(store_dir: Path, probes: dict[str, Probe]) -> None:
+    """Written atomically (temporary name, then rename) so a kill never leaves half a file."""
+    target = store_dir / PROBES_FILE
+    tmp = target.with_name(f".{PROBES_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(probes_to_json(probes), separators=(",", ":")), encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def load_probes(store_dir: Path) -> dict[str, Probe] | None:
+    target = store_dir / PROBES_FILE
+    if not target.is_file():
+        return None
+    try:
+        return probes_from_json(json.loads(target.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        log.warning("%s is unreadable (%s): probing the files again", target, e)
+        return None
+
+
+# ---- per-sample draws ----
+
+
+def sample_seeds(seed: int, row: int, repeat: int, variant: int, k: int) -> tuple[int, list[int]]:
+    """(variant seed, K mask seeds) from (seed, row, repeat, variant); each below 2**63."""
+    draws, masks = np.random.SeedSequence([seed % 2**64, row, repeat, variant]).spawn(2)
+    variant_seed = int(draws.generate_state(1, np.uint64)[0] >> np.uint64(1))
+    mask_seeds = [int(x >> np.uint64(1)) for x in masks.generate_state(k, np.uint64)] if k else []
+    return variant_seed, mask_seeds
+
+
+def bucket_name(frames: int, height: int, width: int) -> str:
+    f_lat, h, w = latent_shape(frames, height, width)
+    return f"f{f_lat}_h{h}_w{w}"
+
+
+@dataclass(frozen=True)
+class _Draw:
+    indices: list[int]
+    clip_frames: int
+    frames: int
+    height: int
+    width: int
+    source_hw: tuple[int, int]
+
+
+def draw_sample(
+    row: Row, info: MediaInfo, cfg: PrecomputeConfig, rng: np.random.Generator
+) -> _Draw:
+    """Clip and (H, W, F) of one sample. Raises DecodeError when the video is too short."""
+    opts = bucket_options(cfg)
+    if row.type == "image":
+        height, width = choose_image_variant(info.height, info.width, opts, rng)
+        return _Draw([0], 1, 1, height, width, (info.height, info.width))
+    clip = clip_indices(
+        info.frames, cfg.video_sample_stride, cfg.video_sample_n_frames, rng, path=row.path
+    )
+    height, width, frames = choose_video_variant(info.height, info.width, len(clip), opts, rng)
+    return _Draw(clip[:frames], len(clip), frames, height, width, (info.height, info.width))
+
+
+def provenance(spec: SampleSpec, row: Row, variant: int, draw: _Draw, cap: int) -> dict:
+    """Where a sample came from: file, frames, the resize and crop box, and its seeds."""
+    h, w = draw.source_hw
+    if spec.kind == "video":
+        h, w = short_side_cap_hw(h, w, cap)
+    rh, rw = cover_resize_hw(h, w, spec.height, spec.width)
+    top, left = center_crop_offsets(rh, rw, spec.height, spec.width)
+    return {
+        "key": spec.key,
+        "file": spec.file,
+        "row": spec.row,
+        "repeat": row.repeat,
+        "variant": variant,
+        "type": spec.kind,
+        "source_hw": [draw.source_hw[0], draw.source_hw[1]],
+        "frames": list(spec.indices),
+        "clip_frames": spec.clip_frames,
+        "resize_hw": [rh, rw],
+        "crop": [top, left, spec.height, spec.width],
+        "seed": spec.seed,
+        "mask_seeds": list(spec.mask_seeds),
+    }
+
+
+# ---- the plan ----
+
+
+def build_plan(rows: list[Row], probes: dict[str, Probe], cfg: PrecomputeConfig) -> Plan:
+    """The deterministic plan of `rows` (see the module docstring)."""
+    k = masks_per_sample(cfg)
+    cap = short_side_cap(cfg)
+    failures: list[Failure] = []
+    captions: dict[str, int] = {"": 0}
+    drafts: list[tuple[SampleSpec, dict]] = []
+    per_bucket: dict[str, list[int]] = {}
+    for row in rows:
+        if row.error is not None:
+            failures.append(Failure(row.key, row.file_path, row.error, row.index))
+            continue
+        info = probes.get(probe_key(row))
+        if not isinstance(info, MediaInfo):
+            reason = info if isinstance(info, str) else "file was not probed"
+            failures.append(Failure(row.key, row.file_path, f"{row.path}: {reason}", row.index))
+            continue
+        variants = cfg.variants_per_sample if row.type == "video" else 1
+        for variant in range(variants):
+            key = f"{row.key}.v{variant}"
+            seed, mask_seeds = sample_seeds(cfg.seed, row.index, row.repeat, variant, k)
+            try:
+                draw = draw_sample(row, info, cfg, np.random.default_rng(seed))
+            except DecodeError as e:
+                failures.append(Failure(key, row.file_path, str(e), row.index))
+                continue
+            bucket = bucket_name(draw.frames, draw.height, draw.width)
+            slots = per_bucket.setdefault(bucket, [])
+            caption = captions.setdefault(row.text or "", len(captions))
+            spec = SampleSpec(
+                key=key,
+                bucket=bucket,
+                slot=len(slots),
+                row=row.index,
+                file=row.file_path,
+                path=str(row.path),
+                kind=row.type,
+                indices=tuple(draw.indices),
+                clip_frames=draw.clip_frames,
+                frames=draw.frames,
+                height=draw.height,
+                width=draw.width,
+                seed=seed,
+                mask_seeds=tuple(mask_seeds),
+                caption=caption,
+            )
+            slots.append(len(drafts))
+            drafts.append((spec, provenance(spec, row, variant, draw, cap)))
+    return _assemble(drafts, per_bucket, list(captions), failures, cfg.vae_mini_batch)
+
+
+def _bucket_order(name: str) -> tuple[int, int, int]:
+    f, h, w = (int(part[1:]) for part in name.split("_"))
+    return f, h, w
+
+
+def _assemble(
+    drafts: list[tuple[SampleSpec, dict]],
+    per_bucket: dict[str, list[int]],
+    captions: list[str],
+    failures: list[Failure],
+    mini_batch: int,
+) -> Plan:
+    buckets: list[BucketPlan] = []
+    chunks: list[Chunk] = []
+    samples: list[SampleSpec] = []
+    for name in sorted(per_bucket, key=_bucket_order):
+        members = [drafts[i] for i in per_bucket[name]]
+        first = members[0][0]
+        f_lat, h, w = latent_shape(first.frames, first.height, first.width)
+        rows = [RowPlan(caption=spec.caption, provenance=prov) for spec, prov in members]
+        buckets.append(BucketPlan(name, first.frames, first.height, first.width, f_lat, h, w, rows))
+        specs = [spec for spec, _ in members]
+        samples.extend(specs)
+        for start in range(0, len(specs), max(1, mini_batch)):
+            batch = tuple(specs[start : start + max(1, mini_batch)])
+            chunks.append(Chunk(len(chunks), name, batch))
+    return Plan(StorePlan(buckets, captions), samples, chunks, failures)
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -1,0 +1,380 @@
+"""`cogfun precompute`: plan, create or resume the store, encode, finalize.
+
+    cogfun precompute --data DIR [--meta FILE] [--model DIR] [--out latents.zarr] [options]
+    accelerate launch --multi_gpu --num_processes 2 $(which cogfun) precompute --data DIR ...
+    (on CPU add ACCELERATE_USE_CPU=true; accelerate sets OMP_NUM_THREADS=1, so pass --threads)
+
+Process 0 reads the metadata, probes the headers, builds the plan and creates the store (or checks
+that an existing one has the same fingerprint and plan); the others wait, then rebuild the same plan
+from the saved header probes. Chunk i is encoded by process i % N. After a second barrier process 0
+writes the done index and marks the store complete. Rerunning the same command resumes: done samples
+are skipped, half-done chunks are redone whole, so the store ends bitwise equal to an uninterrupted
+run at the same per-process thread count.
+
+What the fingerprint covers (refused on resume when any differs): every option that shapes the
+stored bytes (sizes, frames, stride, repeat, variants, buckets, masks, mode, seed, latent format,
+VAE/T5 dtypes, vae_mini_batch, slicing, tiling, T5 batch), the VAE, text encoder and tokenizer
+identities (hash of their files), the mask tables, and the metadata file's content hash. Not
+covered: the paths of the data, metadata, model and store (moving them does not change a byte),
+decode workers, progress, and the thread count (recorded in the store's attrs instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from cogfun.common.masks import IMAGE_MASK_PROBS, VIDEO_MASK_PROBS
+from cogfun.common.models import ModelFolderError, check_model_folder, model_identity
+from cogfun.common.progress import format_duration, progress, setup_logging
+from cogfun.common.store import StoreError, StoreLayout, StoreWriter, open_for_write
+from cogfun.precompute.config import PrecomputeConfig
+from cogfun.precompute.encode import TextEncoder, VaeEncoder, resolve_dtype
+from cogfun.precompute.metadata import MetadataError, Row, read_metadata
+from cogfun.precompute.pipeline import (
+    TEXT_BATCH,
+    Stats,
+    caption_batches,
+    encode_captions,
+    encode_chunks,
+    encode_shared,
+)
+from cogfun.precompute.plan import (
+    Plan,
+    build_plan,
+    file_sha256,
+    load_probes,
+    masks_per_sample,
+    probe_rows,
+    save_probes,
+    short_side_cap,
+)
+from cogfun.precompute.prepare import Job, prepared_chunks
+from cogfun.precompute.ranks import Ranks, init_ranks
+
+log = logging.getLogger("cogfun.precompute")
+
+# Bump when the encoding algorithm changes stored bytes for the same settings.
+PIPELINE_VERSION = 1
+EXIT_NOTHING_STORED = 1
+EXIT_ABORT = 2
+MODEL_PARTS = ("vae", "text_encoder", "tokenizer")
+
+
+class SetupAborted(Exception):
+    """Process 0 could not plan or open the store; the other processes stop too."""
+
+
+class OptionError(ValueError):
+    """An option value precompute cannot work with; the message names the flag."""
+
+
+# option -> smallest value it accepts
+_MINIMUM = {
+    "image_sample_size": 16,
+    "video_sample_size": 16,
+    "token_sample_size": 16,
+    "video_sample_stride": 1,
+    "video_sample_n_frames": 1,
+    "video_repeat": 0,
+    "vae_mini_batch": 1,
+    "tokenizer_max_length": 1,
+    "variants_per_sample": 1,
+    "masks_per_sample": 0,
+    "decode_workers": 0,
+    "threads": 0,
+}
+
+
+def check_options(cfg: PrecomputeConfig) -> None:
+    for name, low in _MINIMUM.items():
+        if getattr(cfg, name) < low:
+            flag = "--" + name.replace("_", "-")
+            raise OptionError(f"{flag} must be >= {low}, got {getattr(cfg, name)}")
+    if cfg.mode == "inpaint" and cfg.masks_per_sample < 1:
+        raise OptionError("--masks-per-sample must be >= 1 in inpaint mode (or use --mode normal)")
+
+
+def run(config: PrecomputeConfig) -> int:
+    """Run precompute; returns the exit code (0 when the store holds at least one sample)."""
+    setup_logging()
+    try:
+        return run_precompute(config).code
+    except (MetadataError, ModelFolderError, StoreError, SetupAborted, OptionError) as e:
+        log.error("precompute aborted: %s", e)
+        return EXIT_ABORT
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def build_settings(cfg: PrecomputeConfig, vae_dtype: str, text_dtype: str) -> dict:
+    """Everything that shapes the stored bytes (see the module docstring)."""
+    vae_config = _read_json(cfg.model / "vae" / "config.json")
+
+    def identity(part: str) -> dict:
+        ident = model_identity(cfg.model, part)
+        return {"class": ident["class"], "sha256": ident["sha256"]}
+
+    return {
+        "pipeline_version": PIPELINE_VERSION,
+        "mode": cfg.mode,
+        "seed": cfg.seed,
+        "image_sample_size": cfg.image_sample_size,
+        "video_sample_size": cfg.video_sample_size,
+        "token_sample_size": cfg.token_sample_size,
+        "video_sample_stride": cfg.video_sample_stride,
+        "video_sample_n_frames": cfg.video_sample_n_frames,
+        "video_repeat": cfg.video_repeat,
+        "variants_per_sample": cfg.variants_per_sample,
+        "enable_bucket": cfg.enable_bucket,
+        "random_hw_adapt": cfg.random_hw_adapt,
+        "training_with_video_token_length": cfg.training_with_video_token_length,
+        "random_frame_crop": cfg.random_frame_crop,
+        "masks_per_sample": masks_per_sample(cfg),
+        "mask_probs": {"video": list(VIDEO_MASK_PROBS), "image": list(IMAGE_MASK_PROBS)},
+        "latent_format": cfg.latent_format,
+        "tokenizer_max_length": cfg.tokenizer_max_length,
+        "vae_dtype": vae_dtype,
+        "text_encoder_dtype": text_dtype,
+        "vae_mini_batch": cfg.vae_mini_batch,
+        "vae_slicing": cfg.vae_slicing,
+        "vae_tiling": cfg.vae_tiling,
+        "text_batch": TEXT_BATCH,
+        "vae": {
+            **identity("vae"),
+            "scaling_factor": vae_config.get("scaling_factor", 1.15258426),
+            "latent_channels": vae_config.get("latent_channels", 16),
+        },
+        "text_encoder": identity("text_encoder"),
+        "tokenizer": identity("tokenizer"),
+        "metadata_sha256": file_sha256(cfg.meta_path()),
+    }
+
+
+def _attrs(cfg: PrecomputeConfig, ranks: Ranks, threads: int) -> dict:
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    return {
+        "config": config,
+        "cogfun_version": version("cogfun"),
+        "torch_version": torch.__version__,
+        "threads": threads,
+        "processes": ranks.world,
+        "device": ranks.device.type,
+    }
+
+
+def _layout(cfg: PrecomputeConfig, settings: dict) -> StoreLayout:
+    text_config = _read_json(cfg.model / "text_encoder" / "config.json")
+    return StoreLayout(
+        latent_channels=int(settings["vae"]["latent_channels"]),
+        latent_format=cfg.latent_format,
+        masks_per_sample=masks_per_sample(cfg),
+        text_len=cfg.tokenizer_max_length,
+        text_dim=int(text_config["d_model"]),
+    )
+
+
+def _open_store(
+    cfg: PrecomputeConfig, ranks: Ranks, rows: list[Row], settings: dict, attrs: dict, layout
+) -> tuple[Plan, StoreWriter]:
+    """Process 0 plans and creates (or resumes) the store; the others follow its saved probes."""
+    if ranks.is_main:
+        try:
+            start = time.perf_counter()
+            known = load_probes(cfg.out) if (cfg.out / "zarr.json").is_file() else None
+            probes = probe_rows(rows, known)
+            plan = build_plan(rows, probes, cfg)
+            log.info(
+                "planned %d samples in %d buckets (%d chunks), %d captions; %d inputs failed; "
+                "header pass %.1f s%s",
+                len(plan.samples),
+                len(plan.store.buckets),
+                len(plan.chunks),
+                len(plan.store.captions),
+                len(plan.failures),
+                time.perf_counter() - start,
+                " (probes reused from the store)" if known else "",
+            )
+            writer = open_for_write(
+                cfg.out, settings=settings, attrs=attrs, plan=plan.store, layout=layout, create=True
+            )
+            save_probes(cfg.out, probes)
+            for f in plan.failures:
+                log.warning("skipped %s: %s", f.key, f.reason)
+                writer.record_failure(f.key, f.file, f.reason, f.row)
+        except BaseException:
+            ranks.broadcast([0])
+            raise
+        ranks.broadcast([1])
+        return plan, writer
+    if not ranks.broadcast([0])[0]:
+        raise SetupAborted("process 0 could not plan or open the store (see its messages)")
+    probes = load_probes(cfg.out)
+    if probes is None:
+        raise SetupAborted(f"{cfg.out}: the header probes process 0 saved are missing")
+    plan = build_plan(rows, probes, cfg)
+    writer = open_for_write(
+        cfg.out, settings=settings, attrs=attrs, plan=plan.store, layout=layout, create=False
+    )
+    return plan, writer
+
+
+def _jobs(plan: Plan, writer: StoreWriter, ranks: Ranks) -> tuple[list[Job], int]:
+    """This process's chunks that still have a sample to write, and the samples already done."""
+    done: dict[str, object] = {}
+    jobs, skipped = [], 0
+    for chunk in plan.chunks_for(ranks.rank, ranks.world):
+        if chunk.bucket not in done:
+            done[chunk.bucket] = writer.done_slots(chunk.bucket)
+        pending = tuple(not bool(done[chunk.bucket][s.slot]) for s in chunk.samples)
+        skipped += len(pending) - sum(pending)
+        if any(pending):
+            jobs.append(Job(chunk, pending))
+    return jobs, skipped
+
+
+@dataclass
+class _Context:
+    cfg: PrecomputeConfig
+    ranks: Ranks
+    threads: int
+    vae_dtype: str
+    text_dtype: str
+    layout: StoreLayout
+    plan: Plan
+    writer: StoreWriter
+
+
+@dataclass
+class Outcome:
+    """What `run_precompute` did: the exit code, this process's counters and times (summed over
+    the processes on process 0) and the wall time of the encode phase (models loaded onward)."""
+
+    code: int
+    stats: Stats
+    encode_s: float
+    held: int
+
+
+def _setup(cfg: PrecomputeConfig) -> _Context:
+    check_options(cfg)
+    ranks = init_ranks()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # explicit either way: bitwise results depend on it
+    rows = read_metadata(cfg.meta_path(), cfg.data, cfg.video_repeat)
+    check_model_folder(cfg.model, MODEL_PARTS)
+    vae_dtype = resolve_dtype(cfg.vae_dtype, ranks.device)
+    text_dtype = resolve_dtype(cfg.text_encoder_dtype, ranks.device)
+    settings = build_settings(cfg, vae_dtype, text_dtype)
+    layout = _layout(cfg, settings)
+    plan, writer = _open_store(cfg, ranks, rows, settings, _attrs(cfg, ranks, threads), layout)
+    return _Context(cfg, ranks, threads, vae_dtype, text_dtype, layout, plan, writer)
+
+
+def _encode(ctx: _Context, write_async: bool) -> tuple[Stats, float]:
+    """Captions, shared all-masked latents, then this process's chunks. Returns the counters and
+    the wall time from the first model load to the last write."""
+    cfg, ranks, plan, writer = ctx.cfg, ctx.ranks, ctx.plan, ctx.writer
+    stats = Stats()
+    jobs, stats.skipped = _jobs(plan, writer, ranks)
+    with_masks = ctx.layout.masks_per_sample > 0
+    on_gpu = ranks.device.type == "cuda"
+    # Workers fork here, before the models load, and start decoding at once.
+    source = prepared_chunks(jobs, short_side_cap(cfg), with_masks, cfg.decode_workers, on_gpu)
+    start = time.perf_counter()
+    batches = caption_batches(len(plan.store.captions))[ranks.rank :: ranks.world]
+    if any(not writer.caption_done(i) for b in batches for i in b):
+        text = TextEncoder.load(cfg.model, ranks.device, ctx.text_dtype, cfg.tokenizer_max_length)
+        encode_captions(writer, plan.store, text, batches, stats)
+        del text  # T5 and the VAE need not share the device's memory
+    shared = [b.name for b in plan.store.buckets][ranks.rank :: ranks.world] if with_masks else []
+    need_shared = any(not writer.has_all_masked(b) for b in shared)
+    vae = None
+    if jobs or need_shared:
+        vae = VaeEncoder.load(
+            cfg.model, ranks.device, ctx.vae_dtype, cfg.vae_slicing, cfg.vae_tiling
+        )
+    if need_shared:
+        encode_shared(writer, plan.store, shared, vae, cfg.latent_format, cfg.seed, stats)
+    ranks.barrier()  # every bucket's shared all-masked latent exists before samples refer to it
+
+    description = "precompute" if ranks.world == 1 else f"precompute [{ranks.rank}/{ranks.world}]"
+    mode = cfg.progress if ranks.is_main or cfg.progress == "none" else "log"
+    with progress(sum(sum(j.pending) for j in jobs), description, mode, unit="samples") as bar:
+        if jobs:
+            encode_chunks(
+                jobs,
+                source,
+                vae,
+                writer,
+                vae_mini_batch=cfg.vae_mini_batch,
+                latent_format=cfg.latent_format,
+                with_masks=with_masks,
+                stats=stats,
+                bar=bar,
+                write_async=write_async,
+            )
+    elapsed = time.perf_counter() - start
+    log.info(
+        "process %d of %d: stored %d samples in %d chunks, %d failed, %d already done; "
+        "%d captions, %d shared latents; threads %d; %s",
+        ranks.rank,
+        ranks.world,
+        stats.stored,
+        stats.chunks,
+        stats.failed,
+        stats.skipped,
+        stats.captions,
+        stats.shared,
+        ctx.threads,
+        stats.time_split(),
+    )
+    return stats, elapsed
+
+
+def _finish(ctx: _Context, stats: Stats, started: float) -> tuple[int, Stats, int]:
+    """Process 0 finalizes once every process is done; everyone returns the same exit code."""
+    ranks, plan = ctx.ranks, ctx.plan
+    ranks.barrier()
+    total = Stats.from_list(ranks.sum(stats.to_list()))
+    held = 0
+    if ranks.is_main:
+        ctx.writer.finalize()
+        held = sum(int(ctx.writer.done_slots(b.name).sum()) for b in plan.store.buckets)
+    held = ranks.broadcast([held])[0]
+    if ranks.is_main:
+        log.info(
+            "precompute done: stored %d, failed %d, skipped as done %d; the store holds %d of %d "
+            "planned samples (%d inputs failed at planning); %s",
+            total.stored,
+            total.failed + len(plan.failures),
+            total.skipped,
+            held,
+            len(plan.samples),
+            len(plan.failures),
+            format_duration(time.perf_counter() - started),
+        )
+    if held == 0:
+        log.error("the store %s holds no sample: nothing could be encoded", ctx.cfg.out)
+        return EXIT_NOTHING_STORED, total, held
+    return 0, total, held
+
+
+def run_precompute(cfg: PrecomputeConfig, *, write_async: bool = True) -> Outcome:
+    """The whole stage (errors propagate). `write_async=False` writes inline, which the benchmark
+    uses to time each stage alone."""
+    started = time.perf_counter()
+    ctx = _setup(cfg)
+    stats, encode_s = _encode(ctx, write_async)
+    code, total, held = _finish(ctx, stats, started)
+    return Outcome(code, total, encode_s, held)
