@@ -10,6 +10,10 @@ from importlib.metadata import version as _dist_version
 from pathlib import Path
 
 import typer
+from cogfun.common.options import add_stage_command
+from cogfun.common.stage_flags import foreign_flags
+from cogfun.precompute.config import PrecomputeConfig
+from cogfun.train.config import TrainConfig
 
 app = typer.Typer(
     name="cogfun",
@@ -59,6 +63,64 @@ def tiny_model(
         )
     path = write_tiny_model(out_dir, variant=variant, seed=seed)
     typer.echo(f"wrote tiny {variant} model to {path}")
+
+
+@app.command("inspect")
+def inspect_command(
+    store: Path = typer.Argument(
+        ..., help="The store folder written by `cogfun precompute` (e.g. latents.zarr)."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object on stdout and nothing else."
+    ),
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Read every sample against its checksum; exit 1 listing damaged samples.",
+    ),
+) -> None:
+    """Show a latent store: buckets, samples, bytes, settings, fingerprint, digest and failures."""
+    from cogfun.precompute.inspect import inspect_store
+
+    raise typer.Exit(inspect_store(store, as_json=as_json, verify=verify))
+
+
+def _run_precompute(cfg: PrecomputeConfig) -> None:
+    from cogfun.precompute.run import run
+
+    raise typer.Exit(run(cfg))
+
+
+add_stage_command(
+    app,
+    "precompute",
+    PrecomputeConfig,
+    _run_precompute,
+    help="Decode, bucket, mask and VAE/T5-encode a dataset once into a Zarr latent store "
+    "(resumable; `accelerate launch` splits the work by process).",
+    foreign=foreign_flags("precompute"),
+)
+
+
+def _run_train(cfg: TrainConfig) -> None:
+    from cogfun.train.run import REFUSALS, run
+
+    try:
+        run(cfg)
+    except REFUSALS as err:
+        typer.echo(f"cogfun train: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
+add_stage_command(
+    app,
+    "train",
+    TrainConfig,
+    _run_train,
+    help="Train the CogVideoX-Fun transformer on a precomputed latent store (single process, "
+    "or under `accelerate launch` for DDP / DeepSpeed ZeRO-2).",
+    foreign=foreign_flags("train"),
+)
 
 
 def main() -> None:

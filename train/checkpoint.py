@@ -1,0 +1,249 @@
+"""Checkpoints: `output_dir/checkpoint-N/`, written atomically, found again by `--resume-from-checkpoint`.
+
+A checkpoint holds
+
+    transformer/          diffusers save_pretrained (CogVideoXTransformer3DModel.from_pretrained loads it)
+    transformer_ema/      the EMA weights, when --use-ema
+    optimizer.bin, scheduler.bin, random_states_<rank>.pkl    accelerate's save_state (no model copy);
+    pytorch_model/        under DeepSpeed: the engine's model and ZeRO optimizer shards
+    train_config.json     the resolved config (usable as `cogfun train --config`)
+    trainer_state.json    global step, epoch, batches done in the epoch, world size, version (written last)
+
+It is written as `output_dir/.tmp-checkpoint-N` and renamed once complete, so a crash mid-save never
+leaves a directory named `checkpoint-<int>`; stale temporaries are removed at the next start. Every rank
+takes part (DeepSpeed's save is collective); only the main process writes the shared files and renames.
+Nothing of cogfun's own state is pickled: it is JSON, and accelerate/DeepSpeed files load with
+`weights_only=True` (see `distributed.safe_loading`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from cogfun.train import distributed
+from safetensors.torch import load_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
+OLD_PREFIX = ".old-checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+CONFIG_FILE = "train_config.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint asked for is missing, incomplete or does not fit this run."""
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: enough, with the checkpoint's weights and optimizer, to resume exactly.
+
+    `batches_done` counts the batches this rank has taken from `epoch` (every rank takes the same
+    number: the sampler gives them equal shares).
+    """
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    world_size: int = 1
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, int(state[f.name]))
+
+
+def resolved_config(config: Any) -> dict[str, Any]:
+    """The run's config as JSON-ready values (paths as strings)."""
+    out = {}
+    for key, value in dataclasses.asdict(config).items():
+        out[key] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_resume(output_dir: Path, resume_from: str | None) -> Path | None:
+    """The checkpoint to resume from: `latest` (None when there is none), a path, or `none`."""
+    if resume_from is None or resume_from.lower() == "none":
+        return None
+    if resume_from == "latest":
+        found = complete_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume_from)
+    if not path.exists() and (output_dir / resume_from).exists():
+        path = output_dir / resume_from
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(
+            f"--resume-from-checkpoint {resume_from}: {path} is not a complete cogfun checkpoint "
+            f"(no {TRAINER_STATE}); use latest, none, or a checkpoint-N folder"
+        )
+    return path
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / TRAINER_STATE).read_text())
+
+
+def remove_stale(output_dir: Path) -> None:
+    """Delete temporaries a crash left behind (main process only)."""
+    if not output_dir.is_dir():
+        return
+    for path in output_dir.iterdir():
+        if path.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+            log.info("removing incomplete checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(output_dir: Path, limit: int | None) -> None:
+    """Keep the newest `limit` complete checkpoints (main process only)."""
+    if limit is None:
+        return
+    found = complete_checkpoints(output_dir)
+    for _, path in found[: max(0, len(found) - limit)]:
+        log.info("checkpoints_total_limit=%d: removing %s", limit, path)
+        shutil.rmtree(path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`, replacing an older `final` without ever leaving none or half of one."""
+    old = final.with_name(OLD_PREFIX + final.name.removeprefix("checkpoint-"))
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    *,
+    output_dir: Path,
+    model: nn.Module,
+    ema: Any | None,
+    state: TrainerState,
+    config: dict[str, Any],
+    extra: dict[str, Any],
+    total_limit: int | None,
+) -> Path:
+    """Write `checkpoint-<global_step>` (every rank must call it); returns its path."""
+    step = state.global_step
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f"{TMP_PREFIX}{step}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    distributed.save_state(accelerator, tmp)
+    weights = distributed.model_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        core = distributed.unwrap(accelerator, model)
+        core.save_pretrained(tmp / "transformer", state_dict=weights, safe_serialization=True)
+        if ema is not None:
+            ema.save_pretrained(str(tmp / "transformer_ema"))
+        _write_json(tmp / CONFIG_FILE, config)
+        trainer_state = {
+            **state.state_dict(),
+            **extra,
+            "cogfun_version": dist_version("cogfun"),
+            "config": config,
+        }
+        _write_json(tmp / TRAINER_STATE, trainer_state)  # last: the folder is complete now
+        _publish(tmp, final)
+        prune(output_dir, total_limit)
+        log.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_transformer_weights(model: nn.Module, folder: Path) -> None:
+    """Load a `save_pretrained` folder's safetensors into `model` (strict: every key, same shapes)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(
+    accelerator: Accelerator, checkpoint: Path, model: nn.Module, ema: Any | None
+) -> dict[str, Any]:
+    """Restore weights, optimizer, LR scheduler (and EMA) from `checkpoint`; returns trainer_state.
+
+    Every rank must call it. Without DeepSpeed the weights come from `transformer/` (fp32, exact);
+    under DeepSpeed the engine restores its module and fp32 master partitions.
+    """
+    state = read_trainer_state(checkpoint)
+    core = distributed.unwrap(accelerator, model)
+    if not distributed.is_deepspeed(accelerator):
+        load_transformer_weights(core, checkpoint / "transformer")
+    distributed.load_state(accelerator, checkpoint)
+    if ema is not None:
+        folder = checkpoint / "transformer_ema"
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"{checkpoint}: --use-ema is on but the checkpoint has no transformer_ema/ "
+                "(it was trained without EMA)"
+            )
+        load_ema(ema, folder, core)
+    return state
+
+
+# The counters `EMAModel.save_pretrained` writes into the folder's config.json.
+_EMA_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup")
+_EMA_KEYS += ("inv_gamma", "power")
+
+
+def load_ema(ema: Any, folder: Path, model: nn.Module) -> None:
+    """Load what `EMAModel.save_pretrained` wrote: shadow weights by parameter name, and counters."""
+    config = json.loads((folder / "config.json").read_text())
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(file))
+    names = [name for name, _ in model.named_parameters()]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise CheckpointError(f"{folder}: EMA weights lack {', '.join(missing[:5])}")
+    device = ema.shadow_params[0].device
+    state = {k: config[k] for k in _EMA_KEYS if k in config}
+    state["shadow_params"] = [weights[n].to(device) for n in names]
+    ema.load_state_dict(state)

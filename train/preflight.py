@@ -1,0 +1,122 @@
+"""Checks before training: the options, the model folder and the store must fit together.
+
+Everything here reads JSON and store metadata (and hashes the VAE / text-encoder files when both the
+store and the model folder have them, as precompute fingerprinted them), so a run that cannot work
+is refused, saying what differs and what to do, before the transformer or the accelerator is built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cogfun.common.models import ModelFolderError
+from cogfun.train.config import TrainConfig
+
+
+class TrainRefused(Exception):
+    """The run cannot start as asked; the message says why and what to do."""
+
+
+def check_config(cfg: TrainConfig) -> None:
+    problems = [
+        f"--{name.replace('_', '-')} must be >= 1 (got {value})"
+        for name, value in (
+            ("train_batch_size", cfg.train_batch_size),
+            ("gradient_accumulation_steps", cfg.gradient_accumulation_steps),
+            ("checkpointing_steps", cfg.checkpointing_steps),
+            ("num_train_epochs", cfg.num_train_epochs),
+            ("max_train_steps", cfg.max_train_steps),
+            ("checkpoints_total_limit", cfg.checkpoints_total_limit),
+            ("train_sampling_steps", cfg.train_sampling_steps),
+        )
+        if value is not None and value < 1
+    ]
+    if problems:
+        raise TrainRefused("; ".join(problems))
+
+
+def read_transformer_config(model_dir: Path) -> dict[str, Any]:
+    """The transformer's config.json (read as JSON: no weights are loaded to check a store)."""
+    path = model_dir / "transformer" / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelFolderError(f"{path}: cannot read the transformer config ({err})") from err
+
+
+def input_channels(latent_channels: int, mode: str) -> int:
+    """Transformer input channels: noisy latents, plus mask + masked-video latents for inpaint."""
+    return 2 * latent_channels + 1 if mode == "inpaint" else latent_channels
+
+
+def check_store(store: Any, tconfig: dict[str, Any], mode: str, model_dir: Path) -> None:
+    """Refuse a store this transformer cannot train on in `mode` (the message says what differs)."""
+    layout, where = store.layout, f"store {store.path}"
+    problems = []
+    if mode == "inpaint" and layout.masks_per_sample == 0:
+        problems.append(
+            "it holds no inpaint masks (it was precomputed with --mode normal): train with "
+            "--mode normal, or precompute with --mode inpaint"
+        )
+    channels = layout.latent_channels
+    if tconfig.get("out_channels") != channels:
+        problems.append(
+            f"its latents have {channels} channels but the transformer predicts "
+            f"{tconfig.get('out_channels')} (another VAE?)"
+        )
+    need, have = input_channels(channels, mode), tconfig.get("in_channels")
+    # A text-to-video checkpoint (C input channels) may start an inpaint run: extra channels start at 0.
+    if have != need and not (mode == "inpaint" and have == channels):
+        problems.append(
+            f"--mode {mode} feeds {need} input channels but the transformer takes {have}"
+            + (" (an inpaint model: use --mode inpaint)" if mode == "normal" else "")
+        )
+    if layout.text_dim != tconfig.get("text_embed_dim"):
+        problems.append(
+            f"its text embeddings are {layout.text_dim} wide but the transformer expects "
+            f"{tconfig.get('text_embed_dim')} (another text encoder?)"
+        )
+    rotary = tconfig.get("use_rotary_positional_embeddings", False)
+    if not rotary and layout.text_len != tconfig.get("max_text_seq_length"):
+        problems.append(
+            f"its captions are {layout.text_len} tokens but the transformer's positional table "
+            f"expects {tconfig.get('max_text_seq_length')} (tokenizer_max_length)"
+        )
+    vae_config = model_dir / "vae" / "config.json"
+    if vae_config.is_file():
+        model_scaling = json.loads(vae_config.read_text()).get("scaling_factor")
+        if model_scaling is not None and not math.isclose(store.scaling_factor, model_scaling):
+            problems.append(
+                f"it was encoded with VAE scaling factor {store.scaling_factor} but {vae_config} "
+                f"has {model_scaling}"
+            )
+    problems += _identity_problems(store, model_dir)
+    if sum(len(b.slots) for b in store.buckets.values()) == 0:
+        problems.append("it holds no samples (every input failed?): see `cogfun inspect`")
+    if problems:
+        raise TrainRefused(f"{where} does not fit {model_dir}: " + "; ".join(problems))
+
+
+def _identity_problems(store: Any, model_dir: Path) -> list[str]:
+    """The VAE / text encoder the store was encoded with, against the model folder's, when both are
+    known (training needs neither folder: without one there is nothing to compare)."""
+    from cogfun.common.models import model_identity
+
+    problems = []
+    for part in ("vae", "text_encoder"):
+        recorded = store.settings.get(part)
+        if not (isinstance(recorded, dict) and recorded.get("sha256")):
+            continue
+        try:
+            have = model_identity(model_dir, part)["sha256"]
+        except ModelFolderError:
+            continue  # absent or partial part folder: nothing to compare
+        if have != recorded["sha256"]:
+            problems.append(
+                f"it was encoded with another {part} (sha256 {recorded['sha256'][:12]}...) than "
+                f"{model_dir / part} (sha256 {have[:12]}...)"
+            )
+    return problems

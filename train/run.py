@@ -1,0 +1,41 @@
+"""`cogfun train`: check the store against the model, set up, then fit.
+
+    cogfun train --mode inpaint --latents latents.zarr --model MODEL --output-dir out
+    accelerate launch --multi_gpu --num_processes 2 $(which cogfun) train ...
+    accelerate launch --use_deepspeed --deepspeed_config_file config/zero_stage2_config.json \\
+        --num_processes 2 $(which cogfun) train ...
+
+(On CPU, DDP needs `ACCELERATE_USE_CPU=true` with `--multi_gpu`; never `--cpu` with DeepSpeed.)
+
+The store is opened and checked first, so a store that cannot train this model (no masks for an
+inpaint run, other latent channels, VAE, scaling or text width, no samples, unfinished or damaged)
+is refused before anything heavy loads. Only the transformer and the scheduler config are loaded:
+never the VAE or T5.
+"""
+
+from __future__ import annotations
+
+from cogfun.common.models import ModelFolderError
+from cogfun.common.progress import setup_logging
+from cogfun.common.store import StoreError
+from cogfun.train import distributed, optim
+from cogfun.train.checkpoint import CheckpointError
+from cogfun.train.config import TrainConfig
+from cogfun.train.loop import fit
+from cogfun.train.preflight import TrainRefused
+from cogfun.train.setup import setup
+
+# What the CLI reports as a message and a non-zero exit rather than a traceback.
+REFUSALS = (
+    TrainRefused,
+    StoreError,
+    ModelFolderError,
+    CheckpointError,
+    distributed.UnsafeCheckpoint,
+    optim.TrainableModulesError,
+)
+
+
+def run(config: TrainConfig) -> None:
+    setup_logging()
+    fit(setup(config))

@@ -1,0 +1,283 @@
+"""Building a run: accelerator, transformer, optimizer, data, and the resume from a checkpoint.
+
+Only the transformer and the scheduler config are loaded from the model folder: never the VAE or T5
+(the store holds their outputs). Refusals come first (`preflight`), before anything heavy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from cogfun.common.models import check_model_folder
+from cogfun.common.store import open_store
+from cogfun.train import distributed, optim
+from cogfun.train.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    find_resume,
+    load_checkpoint,
+    read_trainer_state,
+    remove_stale,
+    resolved_config,
+)
+from cogfun.train.config import TrainConfig
+from cogfun.train.loop import CaptionEmbeddings, Trainer
+from cogfun.train.metrics import start_trackers
+from cogfun.train.preflight import (
+    TrainRefused,
+    check_config,
+    check_store,
+    input_channels,
+    read_transformer_config,
+)
+from diffusers.utils.logging import disable_progress_bar
+
+log = logging.getLogger(__name__)
+
+# Options whose change between a checkpoint and its resumption does not change what is computed.
+_RESUME_FREE = {
+    "resume_from_checkpoint",
+    "max_train_steps",
+    "num_train_epochs",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "dataloader_num_workers",
+    "progress",
+    "report_to",
+    "logging_dir",
+    "tracker_project_name",
+    "output_dir",
+    "skip_damaged",
+}
+
+
+def load_model(cfg: TrainConfig, in_channels: int | None) -> torch.nn.Module:
+    """The transformer in fp32 (master weights), plus --transformer-path weights over it."""
+    from cogfun.common.models import load_transformer
+
+    model = load_transformer(cfg.model, dtype=torch.float32, in_channels=in_channels)
+    if cfg.transformer_path is not None:
+        load_extra_weights(model, cfg.transformer_path)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    return model
+
+
+def load_extra_weights(model: torch.nn.Module, path: Path) -> None:
+    """Non-strict load of a safetensors state dict; keys the model lacks are refused."""
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise TrainRefused(
+            f"--transformer-path {path}: expected an existing .safetensors file (pickled "
+            "checkpoints are not loaded)"
+        )
+    state = load_file(path)
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise TrainRefused(
+            f"--transformer-path {path}: {len(unexpected)} key(s) the transformer does not have, "
+            f"e.g. {', '.join(unexpected[:5])}"
+        )
+    wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise TrainRefused(
+            f"--transformer-path {path}: shape mismatch for {', '.join(wrong[:5])} "
+            f"(e.g. {tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]].shape)})"
+        )
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    log.info("loaded %d tensors from %s (%d keep their values)", len(state), path, len(missing))
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int, accumulation: int) -> int:
+    if cfg.max_train_steps is not None:
+        return cfg.max_train_steps
+    return max(1, math.ceil(cfg.num_train_epochs * batches_per_epoch / accumulation))
+
+
+def _warn_config_changes(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
+    changed = {
+        k: (saved.get(k), v) for k, v in now.items() if k not in _RESUME_FREE and saved.get(k) != v
+    }
+    if changed:
+        text = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        log.warning("resuming %s with changed options (%s): not an exact resume", checkpoint, text)
+
+
+def _optimization(cfg: TrainConfig, model: torch.nn.Module, world: int) -> tuple[list, Any, Any]:
+    """(trainable params, optimizer, EMA or None) over the fp32 master weights."""
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
+    groups = optim.select_trainable(
+        model, cfg.trainable_modules, cfg.trainable_modules_low_learning_rate, lr
+    )
+    optimizer = optim.make_optimizer(
+        groups,
+        use_came=cfg.use_came,
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    ema = None
+    if cfg.use_ema:
+        from diffusers import CogVideoXTransformer3DModel
+        from diffusers.training_utils import EMAModel
+
+        # Built before `prepare`, so its shadow copy stays fp32 even when DeepSpeed casts the model.
+        ema = EMAModel(
+            model.parameters(), model_cls=CogVideoXTransformer3DModel, model_config=model.config
+        )
+    return [p for g in groups for p in g["params"]], optimizer, ema
+
+
+def _clip_schedule(cfg: TrainConfig, deepspeed: bool) -> str:
+    if cfg.use_deepspeed and not deepspeed:
+        log.warning(
+            "--use-deepspeed is given but accelerate did not set up DeepSpeed (launch with "
+            "`accelerate launch --use_deepspeed --deepspeed_config_file ...`): training without it"
+        )
+    schedule = optim.clip_schedule(cfg.grad_clip_schedule, deepspeed)
+    if deepspeed and schedule == "adaptive":
+        log.warning("--grad-clip-schedule adaptive is not available under DeepSpeed: fixed")
+        return "fixed"
+    return schedule
+
+
+def setup(cfg: TrainConfig) -> Trainer:
+    """Everything `fit` needs; refusals come before anything heavy is loaded."""
+    from cogfun.common.models import load_scheduler
+    from cogfun.train.data import make_dataloader
+
+    check_config(cfg)
+    disable_progress_bar()  # diffusers' per-save "Writing model shards" bars
+    model_dir = check_model_folder(cfg.model, ["transformer", "scheduler"])
+    store = open_store(cfg.latents)
+    tconfig = read_transformer_config(model_dir)
+    check_store(store, tconfig, cfg.mode, model_dir)
+    resume = find_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+
+    acc = distributed.make_accelerator(
+        output_dir=cfg.output_dir,
+        logging_dir=cfg.logging_dir,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        report_to=cfg.report_to,
+    )
+    log.info("accelerate: %s", distributed.describe(acc))
+    if acc.is_main_process:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale(cfg.output_dir)
+    acc.wait_for_everyone()
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+
+    need = input_channels(store.layout.latent_channels, cfg.mode)
+    model = load_model(cfg, need if need != tconfig.get("in_channels") else None)
+    params, optimizer, ema = _optimization(cfg, model, acc.num_processes)
+    loader, sampler = make_dataloader(
+        cfg.latents,
+        cfg.train_batch_size,
+        cfg.dataloader_num_workers,
+        cfg.seed,
+        acc.process_index,
+        acc.num_processes,
+        skip_damaged=cfg.skip_damaged,
+    )
+    max_steps = total_steps(cfg, len(sampler), acc.gradient_accumulation_steps)
+    lr_scheduler = optim.make_lr_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        warmup_steps=cfg.lr_warmup_steps,
+        total_steps=max_steps,
+        num_processes=acc.num_processes,
+    )
+    deepspeed = distributed.is_deepspeed(acc)
+    schedule = _clip_schedule(cfg, deepspeed)
+    distributed.configure_deepspeed(acc, max_grad_norm=cfg.max_grad_norm, use_came=cfg.use_came)
+    model, optimizer, lr_scheduler = distributed.prepare(acc, model, optimizer, lr_scheduler)
+    if deepspeed:
+        log.info("DeepSpeed gradient clipping: %s", distributed.engine_gradient_clipping(acc))
+    if ema is not None:
+        ema.to(acc.device)
+
+    trainer = Trainer(
+        config=cfg,
+        accelerator=acc,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        noise_scheduler=load_scheduler(model_dir),
+        ema=ema,
+        loader=loader,
+        sampler=sampler,
+        captions=CaptionEmbeddings(store, acc.device),
+        scaling=store.scaling_factor,
+        latent_format=store.layout.latent_format,
+        bucket_pixels={n: (b.frames, b.height, b.width) for n, b in store.buckets.items()},
+        params=params,
+        clip_schedule=schedule,
+        max_steps=max_steps,
+        output_dir=cfg.output_dir,
+        state=TrainerState(world_size=acc.num_processes),
+        config_dict=resolved_config(cfg),
+    )
+    trainer.extra_state = lambda: {
+        "sampler": sampler.state_dict(trainer.state.batches_done),
+        "store": str(store.path),
+        "store_fingerprint": store.fingerprint,
+    }
+    if resume is not None:
+        _resume(trainer, resume, store.fingerprint)
+    start_trackers(acc, cfg.tracker_project_name, trainer.config_dict)
+    _log_plan(trainer, store)
+    return trainer
+
+
+def _log_plan(t: Trainer, store: Any) -> None:
+    cfg, acc = t.config, t.accelerator
+    if t.state.global_step >= t.max_steps:
+        log.info("already at step %d of %d: nothing to train", t.state.global_step, t.max_steps)
+        return
+    log.info(
+        "training %s on %s (%d samples, %d batches per process per epoch): steps %d..%d, "
+        "%d process(es) x batch %d x accumulation %d",
+        cfg.model,
+        store.path,
+        t.sampler.num_samples,
+        len(t.sampler),
+        t.state.global_step + 1,
+        t.max_steps,
+        acc.num_processes,
+        cfg.train_batch_size,
+        acc.gradient_accumulation_steps,
+    )
+
+
+def _resume(trainer: Trainer, checkpoint: Path, fingerprint: str) -> None:
+    acc = trainer.accelerator
+    log.info("resuming from %s", checkpoint)
+    saved = read_trainer_state(checkpoint)
+    if saved.get("world_size") != acc.num_processes:
+        raise CheckpointError(
+            f"{checkpoint} was written by {saved.get('world_size')} process(es); this run has "
+            f"{acc.num_processes}: resume with the same number of processes"
+        )
+    load_checkpoint(acc, checkpoint, trainer.model, trainer.ema)
+    trainer.state.load_state_dict(saved)
+    try:
+        trainer.sampler.load_state_dict(saved["sampler"])
+    except ValueError as err:
+        raise CheckpointError(f"{checkpoint}: {err}") from err
+    if saved.get("store_fingerprint") != fingerprint:
+        log.warning("%s was trained on a store with another fingerprint", checkpoint)
+    _warn_config_changes(saved.get("config", {}), trainer.config_dict, checkpoint)
+    trainer.resumed = True
