@@ -123,6 +123,21 @@ add_stage_command(
 )
 
 
+@app.command("demo")
+def demo(
+    workdir: Path = typer.Option(
+        Path("cogfun-demo"),
+        "--workdir",
+        help="Folder for the model, data, store and output (replaced).",
+    ),
+    steps: int = typer.Option(20, "--steps", help="Training steps."),
+) -> None:
+    """Tiny model + generated clips -> precompute -> train -> inspect, on CPU in about a minute."""
+    from cogfun.common.demo import run_demo
+
+    run_demo(workdir, steps=steps, echo=lambda msg: typer.echo(msg, err=True))
+
+
 def main() -> None:
     app()
 
