@@ -1,0 +1,299 @@
+"""Training data loader benchmark: throughput against a raw zarr read, and open cost at 1k vs 100k.
+
+    python bench/loader.py                      # builds its stores under the temp dir, prints figures
+    python bench/loader.py --workdir W --workers 2 --repeats 3
+
+Figures (one `name: value` line each, BENCHMARKS.md):
+- `loader_vs_raw_read`: samples/s of `make_dataloader` (workers, batched reads, checksums) over one
+  epoch, divided by samples/s of one tight single-process loop that reads each sample's arrays with
+  zarr and turns the uint16 bits into bf16 tensors. Both read the same store, alternated `--repeats`
+  times after a warm-up pass (page cache warm for both); medians are reported, with the spread.
+- `open_s_1k`, `open_s_100k`, `rss_mb_1k`, `rss_mb_100k`: seconds and the training process's RSS
+  from `make_dataloader` (which opens the store) to the first batch, each in a fresh process after
+  imports, on stores of 1,000 and 100,000 small samples written in bulk through the store module.
+
+The stores are reused from `--workdir` when they are already complete (building the 100k store
+takes minutes: the store keeps one chunk file per sample per array).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from cogfun.common.store import (
+    BucketPlan,
+    RowPlan,
+    StoreError,
+    StoreLayout,
+    StorePlan,
+    open_for_write,
+    open_store,
+)
+
+K = 4  # mask variants per sample, precompute's default
+C = 16  # VAE latent channels; moments store 2C
+TEXT = (15, 256)  # proportional T5: 15 tokens x 256
+WRITE_CHUNK = 256  # samples per write_samples call
+
+
+def _plan(buckets: dict[str, tuple[int, int, int, int]], n_captions: int) -> StorePlan:
+    """`buckets`: name -> (frames, height, width, rows); captions cycle over n_captions texts."""
+    plan = []
+    for name, (f, h, w, n) in buckets.items():
+        rows = [RowPlan(1 + i % n_captions, {"file": f"{name}/{i}"}) for i in range(n)]
+        plan.append(BucketPlan(name, f, h, w, (f - 1) // 4 + 1, h // 8, w // 8, rows))
+    return StorePlan(plan, [""] + [f"caption {i}" for i in range(n_captions)])
+
+
+def build_store(path: Path, plan: StorePlan, masks: int, seed: int = 0) -> float:
+    """Write every planned sample with random bf16 tensors through the store module; seconds taken.
+    A complete store at `path` with the same buckets and counts is reused (returns 0.0); anything
+    else there (an older or interrupted bench store) is removed first."""
+    try:
+        reader = open_store(path)
+        if {n: len(i.slots) for n, i in reader.buckets.items()} == {
+            b.name: len(b.rows) for b in plan.buckets
+        }:
+            return 0.0
+    except StoreError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+    t0 = time.perf_counter()
+    layout = StoreLayout(C, "moments", masks, *TEXT)
+    settings = {"bench": "loader", "seed": seed, "masks": masks}
+    writer = open_for_write(
+        path,
+        settings=settings,
+        attrs={"scaling_factor": 1.15258426},
+        plan=plan,
+        layout=layout,
+        create=True,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(len(plan.captions)):
+        writer.write_caption(i, torch.randn(*TEXT, generator=gen).bfloat16())
+    for b in plan.buckets:
+        lat = (b.latent_frames, 2 * C, b.latent_h, b.latent_w)
+        # One random block reused for every write: content does not change read cost, and fresh
+        # random tensors for 100k samples would dominate the build time.
+        block = torch.randn(WRITE_CHUNK, *lat, generator=gen).bfloat16()
+        extra: tuple = ()
+        if masks:
+            writer.write_all_masked(b.name, torch.randn(*lat, generator=gen).bfloat16())
+            m = (
+                torch.rand(WRITE_CHUNK, masks, lat[0], 1, *lat[2:], generator=gen) > 0.5
+            ).bfloat16()
+            mv = torch.randn(WRITE_CHUNK, masks, *lat, generator=gen).bfloat16()
+            flags = torch.zeros(WRITE_CHUNK, masks, dtype=torch.bool)
+            flags[::7, 0] = True  # some all-masked variants, as precompute stores them
+            extra = (m, mv, flags)
+        for start in range(0, len(b.rows), WRITE_CHUNK):
+            n = min(WRITE_CHUNK, len(b.rows) - start)
+            writer.write_samples(
+                b.name, range(start, start + n), block[:n], *(x[:n] for x in extra)
+            )
+    writer.finalize()
+    return time.perf_counter() - t0
+
+
+# ---- throughput: raw zarr loop vs the training loader ----
+
+
+def raw_read(path: Path) -> tuple[int, float]:
+    """One tight single-process pass: every stored sample's arrays read one by one with zarr and
+    turned into tensors (bf16 from the uint16 bits). Returns (samples, seconds)."""
+    import zarr
+
+    t0 = time.perf_counter()
+    root = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    n = 0
+    for name in root.attrs["buckets"]:
+        group = root[f"buckets/{name}"]
+        arrays = [group[a] for a in ("latents", "masks", "masked_latents") if a in group]
+        flags = group["all_masked"] if "all_masked" in group else None
+        slots = np.flatnonzero(np.asarray(group["done"][:]))
+        for s in slots:
+            sample = [torch.from_numpy(a[int(s)]).view(torch.bfloat16) for a in arrays]
+            if flags is not None:
+                sample.append(torch.from_numpy(flags[int(s)].astype(bool)))
+            n += 1
+    return n, time.perf_counter() - t0
+
+
+def loader_epochs(path: Path, workers: int, batch_size: int, epochs: int) -> list[float]:
+    """Samples/s of `make_dataloader` for each of `epochs` timed epochs after one warm-up epoch
+    (worker start-up excluded: persistent workers live for the whole run)."""
+    from cogfun.train.data import make_dataloader
+
+    loader, sampler = make_dataloader(path, batch_size, workers, seed=0, rank=0, world=1)
+    rates = []
+    for epoch in range(epochs + 1):
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        n = sum(len(batch["slots"]) for batch in loader)
+        if epoch:
+            rates.append(n / (time.perf_counter() - t0))
+    del loader
+    return rates
+
+
+def simulated_wait(path: Path, workers: int, batch_size: int, step_ms: float, steps: int) -> float:
+    """Share of time a consumer that busies the CPU for `step_ms` per batch (a stand-in for the
+    training step, on the same cores as the workers) spends waiting for the next batch. The first
+    batch (worker start-up, measured by open_s) is not counted."""
+    from cogfun.train.data import make_dataloader
+
+    loader, sampler = make_dataloader(path, batch_size, workers, seed=0, rank=0, world=1)
+    a = torch.randn(192, 192)
+    wait = total = 0.0
+    done, epoch = 0, 0
+    while done < steps:
+        sampler.set_epoch(epoch)
+        it = iter(loader)
+        while done < steps:
+            t0 = time.perf_counter()
+            if next(it, None) is None:
+                break
+            t1 = time.perf_counter()
+            while time.perf_counter() - t1 < step_ms / 1000:
+                a = torch.tanh(a @ a)
+            if epoch or done:
+                wait, total = wait + t1 - t0, total + time.perf_counter() - t0
+            done += 1
+        epoch += 1
+    del loader
+    return wait / total
+
+
+def _median_spread(values: list[float]) -> tuple[float, float]:
+    med = statistics.median(values)
+    return med, (max(values) - min(values)) / med if med else 0.0
+
+
+# ---- open cost: measured in a fresh process per store ----
+
+
+def open_probe(path: Path, workers: int, batch_size: int) -> dict:
+    """Seconds and RSS from make_dataloader (the store open) to the first batch, this process."""
+    import psutil
+    from cogfun.train.data import make_dataloader
+
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    t0 = time.perf_counter()
+    loader, _ = make_dataloader(path, batch_size, workers, seed=0, rank=0, world=1)
+    batch = next(iter(loader))
+    seconds = time.perf_counter() - t0
+    rss = proc.memory_info().rss
+    children = sum(c.memory_info().rss for c in proc.children(recursive=True))
+    assert batch["latents"].shape[0] == batch_size
+    return {
+        "open_s": seconds,
+        "rss_mb": rss / 2**20,
+        "rss_delta_mb": (rss - rss0) / 2**20,
+        "workers_rss_mb": children / 2**20,
+    }
+
+
+def run_probe(path: Path, workers: int, batch_size: int) -> dict:
+    cmd = [sys.executable, __file__, "--probe", str(path), "--workers", str(workers)]
+    out = subprocess.run(
+        cmd + ["--batch-size", str(batch_size)], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cogfun_bench_loader"
+    )
+    ap.add_argument(
+        "--workers", type=int, default=2, help="DataLoader workers of the loader figure"
+    )
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--videos", type=int, default=192, help="49x128x128 samples in the throughput store"
+    )
+    ap.add_argument(
+        "--images", type=int, default=192, help="1x128x128 samples in the throughput store"
+    )
+    ap.add_argument("--step-ms", type=float, default=100.0, help="simulated step time (CPU busy)")
+    ap.add_argument(
+        "--large", type=int, default=100_000, help="samples in the large open-cost store"
+    )
+    ap.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    # More workers than cores is measured on purpose (workers4); torch warns about it each time.
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+    if args.probe:
+        print(json.dumps(open_probe(args.probe, args.workers, args.batch_size)))
+        return
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"threads: {torch.get_num_threads()}  workers: {args.workers}  batch: {args.batch_size}")
+    store = args.workdir / "throughput.zarr"
+    plan = _plan(
+        {"f13_h16_w16": (49, 128, 128, args.videos), "f1_h16_w16": (1, 128, 128, args.images)}, 8
+    )
+    build_s = build_store(store, plan, masks=K)
+    n_samples = args.videos + args.images
+    print(f"store_build_s_throughput: {build_s:.1f}  ({n_samples} samples, K={K}, reused if 0.0)")
+
+    raw_read(store)  # warm the page cache for both sides
+    raw_rates, loader_rates = [], []
+    for _ in range(args.repeats):  # alternate: this machine's speed drifts over minutes
+        n, seconds = raw_read(store)
+        raw_rates.append(n / seconds)
+        loader_rates += loader_epochs(store, args.workers, args.batch_size, epochs=1)
+    raw, raw_spread = _median_spread(raw_rates)
+    loader, loader_spread = _median_spread(loader_rates)
+    print(f"raw_read_samples_per_s: {raw:.1f}  (spread {raw_spread:.0%})")
+    print(f"loader_samples_per_s: {loader:.1f}  (spread {loader_spread:.0%})")
+    for w in sorted({0, 1, 2, 4} - {args.workers}):
+        rate = statistics.median(loader_epochs(store, w, args.batch_size, epochs=2))
+        print(f"loader_samples_per_s_workers{w}: {rate:.1f}")
+    print(f"loader_vs_raw_read: {loader / raw:.3f}")
+    wait = simulated_wait(store, args.workers, args.batch_size, args.step_ms, steps=120)
+    print(f"data_wait_fraction_sim: {wait:.4f}  (consumer busy {args.step_ms:.0f} ms per batch)")
+
+    small = _plan({"f1_h8_w8": (1, 64, 64, 1000)}, 4)
+    large = _plan({"f1_h8_w8": (1, 64, 64, args.large)}, 4)
+    for label, p in (("1k", small), ("100k", large)):
+        seconds = build_store(args.workdir / f"open_{label}.zarr", p, masks=0)
+        print(f"store_build_s_{label}: {seconds:.1f}  (reused if 0.0)")
+    probes: dict[str, list[dict]] = {"1k": [], "100k": []}
+    for _ in range(args.repeats):
+        for label in probes:
+            probes[label].append(
+                run_probe(args.workdir / f"open_{label}.zarr", args.workers, args.batch_size)
+            )
+    for key, name in (("open_s", "open_s"), ("rss_mb", "rss_mb"), ("rss_delta_mb", "rss_delta_mb")):
+        for label, runs in probes.items():
+            med, spread = _median_spread([r[key] for r in runs])
+            print(f"{name}_{label}: {med:.3f}  (spread {spread:.0%})")
+    for label, runs in probes.items():
+        print(f"workers_rss_mb_{label}: {statistics.median(r['workers_rss_mb'] for r in runs):.1f}")
+    ratio = statistics.median(r["open_s"] for r in probes["100k"]) / statistics.median(
+        r["open_s"] for r in probes["1k"]
+    )
+    print(f"open_s_ratio_100k_vs_1k: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Reading the store for training: a bucket batch sampler, a batched store dataset, the DataLoader.
+
+The data path draws no randomness of its own beyond the batch order: every per-step draw (noise,
+timestep, posterior sample, mask variant, text-to-video zeroing, caption dropout) happens in the
+training step from a seeded ``torch.Generator``. The batch order is a pure function of
+``(seed, epoch, bucket slots, batch_size, num_replicas)``, so resume only needs ``(epoch,
+batches_done)``.
+
+Uneven work across ranks: an epoch's batch list is *padded* to a multiple of ``num_replicas`` by
+repeating batches from its head (cyclically when there are fewer batches than ranks), never
+truncated. So every rank takes the same number of batches (no rank waits forever in a collective),
+every stored sample is seen at least once per epoch, and at most ``num_replicas - 1`` batches per
+epoch are seen twice.
+
+Prefetching runs the sampler ahead of the training step, so the sampler cannot know how many batches
+were *consumed*; the training loop counts them and resumes with ``set_position(epoch, batches_done)``
+(or ``load_state_dict(state_dict(batches_done))``).
+
+Workers open the store lazily, once per process: an open ``StoreReader`` is never pickled or forked
+into a worker (zarr resets its IO loop after a fork, and the dataset drops a reader opened by another
+process). Batches come out as one ``read_batch`` per bucket batch, bf16 tensors plus ``caption``
+indices, ``bucket`` and ``slots``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[str, list[int]]  # (bucket name, slots in that bucket)
+
+
+class BucketBatchSampler:
+    """Batches of slots from one bucket each, shuffled per epoch, split evenly over ranks.
+
+    ``bucket_slots`` maps a bucket name to the slot indices that may be read (the done slots).
+    Yields ``(bucket_name, slots)``. See the module docstring for the padding rule.
+    """
+
+    def __init__(
+        self,
+        bucket_slots: Mapping[str, np.ndarray],
+        batch_size: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"BucketBatchSampler: batch_size must be >= 1, got {batch_size}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"BucketBatchSampler: need 0 <= rank < num_replicas, got rank {rank} of {num_replicas}"
+            )
+        # Sorted names: the order must not depend on how the caller built the dict.
+        self.buckets: dict[str, np.ndarray] = {
+            name: np.asarray(bucket_slots[name], dtype=np.int64).reshape(-1)
+            for name in sorted(bucket_slots)
+            if len(bucket_slots[name]) > 0
+        }
+        if not self.buckets:
+            raise ValueError("BucketBatchSampler: no samples in any bucket (empty store?)")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self._skip = 0  # batches of self.epoch the next iteration skips (set_position)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(s) for s in self.buckets.values())
+
+    def _num_global_batches(self) -> int:
+        return sum(math.ceil(len(s) / self.batch_size) for s in self.buckets.values())
+
+    def __len__(self) -> int:
+        """Batches per rank per epoch (a full epoch, whatever set_position skips)."""
+        return math.ceil(self._num_global_batches() / self.num_replicas)
+
+    def _epoch_order(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """The epoch as arrays: each bucket's shuffled slots, and per global (padded) batch its
+        bucket index and start offset. O(samples) numpy, no per-batch Python objects, so a 100k
+        store costs the same to start as a 1k one."""
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        shuffled, bucket_of, start_of = [], [], []
+        for i, slots in enumerate(self.buckets.values()):
+            shuffled.append(slots[torch.randperm(len(slots), generator=gen).numpy()])
+            # The last partial batch is kept (smaller) so no sample is silently never seen.
+            starts = np.arange(0, len(slots), self.batch_size)
+            bucket_of.append(np.full(len(starts), i))
+            start_of.append(starts)
+        n = self._num_global_batches()
+        order = torch.randperm(n, generator=gen).numpy()
+        order = order[np.arange(len(self) * self.num_replicas) % n]  # pad by repeating the head
+        return shuffled, np.concatenate(bucket_of)[order], np.concatenate(start_of)[order]
+
+    def _batches(self, epoch: int, first: int, step: int) -> Iterator[Batch]:
+        """Global batches first, first + step, ... of the epoch, built one at a time."""
+        shuffled, bucket_of, start_of = self._epoch_order(epoch)
+        names = list(self.buckets)
+        for b, start in zip(
+            bucket_of[first::step].tolist(), start_of[first::step].tolist(), strict=True
+        ):
+            yield names[b], shuffled[b][start : start + self.batch_size].tolist()
+
+    def global_batches(self, epoch: int) -> list[Batch]:
+        """The epoch's padded batch list over all ranks; rank r takes items r, r+R, r+2R, ..."""
+        return list(self._batches(epoch, 0, 1))
+
+    def epoch_batches(self, epoch: int) -> list[Batch]:
+        """This rank's full, deterministic batch list for ``epoch``."""
+        return list(self._batches(epoch, self.rank, self.num_replicas))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._skip = 0
+
+    def set_position(self, epoch: int, batches_done: int) -> None:
+        """Make the next iteration start at batch ``batches_done`` of ``epoch`` (exact resume)."""
+        if not 0 <= batches_done <= len(self):
+            raise ValueError(
+                f"BucketBatchSampler.set_position: batches_done {batches_done} is outside "
+                f"0..{len(self)} (batches per rank per epoch)"
+            )
+        self.epoch = epoch
+        self._skip = batches_done
+
+    def __iter__(self) -> Iterator[Batch]:
+        # A generator: the skip is consumed when drawing starts, not when iter() is called. A
+        # DataLoader with workers calls iter(sampler) twice before it draws (torch's
+        # _BaseDataLoaderIter.__init__ and _reset); an eager skip would be spent on the discarded
+        # first iterator and a resumed run would replay the epoch from its start. A later pass over
+        # the same epoch (without set_position) yields the whole epoch again.
+        first = self.rank + self._skip * self.num_replicas
+        self._skip = 0
+        yield from self._batches(self.epoch, first, self.num_replicas)
+
+    def state_dict(self, batches_done: int) -> dict[str, int]:
+        """Plain ints (JSON): the position the training loop has consumed, plus what shapes the order."""
+        return {
+            "epoch": self.epoch,
+            "batches_done": batches_done,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_replicas": self.num_replicas,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore a position; refuses when the order would differ (another seed, batch size, ...)."""
+        mine = self.state_dict(0)
+        diff = {
+            k: (state[k], mine[k])
+            for k in ("seed", "batch_size", "num_replicas", "num_samples")
+            if k in state and int(state[k]) != mine[k]
+        }
+        if diff:
+            text = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in diff.items())
+            raise ValueError(f"BucketBatchSampler: cannot resume the saved data order ({text})")
+        self.set_position(int(state["epoch"]), int(state["batches_done"]))
+
+
+class StoreBatchDataset(Dataset):
+    """Map-style dataset whose keys are sampler batches: ``dataset[(bucket, slots)]`` is one batch.
+
+    The store is opened on first use in each process, so constructing the dataset (and pickling it
+    into spawned workers) never carries an open store. A damaged sample raises
+    ``DamagedSample`` naming it, unless ``skip_damaged``: then it is dropped from the batch and logged.
+    """
+
+    def __init__(self, store_path: str | Path, skip_damaged: bool = False) -> None:
+        self.store_path = Path(store_path)
+        self.skip_damaged = skip_damaged
+        self._reader: Any = None
+        self._reader_pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        state["_reader_pid"] = None
+        return state
+
+    def reader(self) -> Any:
+        """This process's StoreReader (reopened after a fork: handles are per process)."""
+        if self._reader is None or self._reader_pid != os.getpid():
+            from cogfun.common.store import open_store
+
+            self._reader = open_store(self.store_path)
+            self._reader_pid = os.getpid()
+        return self._reader
+
+    def __getitem__(self, batch: Batch) -> dict[str, Any]:
+        from cogfun.common.store import DamagedSample
+
+        bucket, slots = batch[0], [int(s) for s in batch[1]]
+        reader = self.reader()
+        while True:
+            try:
+                out = dict(reader.read_batch(bucket, slots, verify=True))
+                break
+            except DamagedSample as exc:
+                if not self.skip_damaged or exc.slot not in slots:
+                    raise
+                log.warning("skipping %s", exc)
+                slots = [s for s in slots if s != exc.slot]
+        out["bucket"] = bucket
+        out["slots"] = slots
+        return out
+
+
+def make_dataloader(
+    store_path: str | Path,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int,
+    world: int,
+    skip_damaged: bool = False,
+    prefetch_factor: int = 4,
+) -> tuple[DataLoader, BucketBatchSampler]:
+    """A DataLoader yielding one store batch per item, and its sampler (for set_epoch/set_position).
+
+    ``batch_size=None`` in the DataLoader: the sampler yields whole batches and the dataset reads
+    each in one call, so there is no per-sample fetch and no collation.
+    """
+    from cogfun.common.store import open_store
+
+    # Only the done-slot lists are taken from this reader; workers open their own.
+    buckets = open_store(store_path).buckets
+    sampler = BucketBatchSampler(
+        {name: info.slots for name, info in buckets.items()},
+        batch_size=batch_size,
+        seed=seed,
+        num_replicas=world,
+        rank=rank,
+    )
+    workers = {}
+    if num_workers > 0:
+        workers = {
+            "persistent_workers": True,
+            "prefetch_factor": prefetch_factor,
+            "worker_init_fn": _worker_init,
+        }
+    loader = DataLoader(
+        StoreBatchDataset(store_path, skip_damaged=skip_damaged),
+        batch_size=None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        # Own generator: otherwise each new iterator draws its worker base seed from torch's global
+        # RNG, which would make the training step's randomness depend on the loader.
+        generator=torch.Generator().manual_seed(seed),
+        **workers,
+    )
+    return loader, sampler
+
+
+def _worker_init(worker_id: int) -> None:
+    """Opens the worker's store while the main process is still setting up, so the first batch does
+    not pay for it. Seeds nothing: the data path draws no randomness (torch already limits each
+    worker to one thread)."""
+    info = get_worker_info()
+    if info is not None:
+        info.dataset.reader()
