@@ -230,12 +230,8 @@ class StoreReader:
         arrays = self._bucket_arrays(bucket)
         names = [n for n in SAMPLE_ARRAYS if n in arrays]
         try:
-            data = {n: np.asarray(arrays[n].get_orthogonal_selection((slots,))) for n in names}
-            sums = (
-                np.asarray(arrays["checksum"].get_orthogonal_selection((slots,)))
-                if verify
-                else None
-            )
+            data = {n: _take(arrays[n], slots) for n in names}
+            sums = _take(arrays["checksum"], slots) if verify else None
         except Exception as exc:
             if len(slots) > 1:  # find which sample is unreadable
                 for s in slots:
@@ -321,3 +317,11 @@ class StoreReader:
 
     def summary(self) -> dict:
         return store_scan.summary(self)
+
+
+def _take(array: Any, slots: np.ndarray) -> np.ndarray:
+    """Rows `slots` of a one-chunk-per-sample array, stacked. Plain slices, one per sample: zarr's
+    orthogonal selection fancy-indexes inside every chunk and was about 2x slower per sample."""
+    if len(slots) == 0:
+        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+    return np.concatenate([np.asarray(array[int(s) : int(s) + 1]) for s in slots])
