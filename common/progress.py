@@ -49,6 +49,17 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         root.addHandler(handler)
+    _quiet_library_progress_bars()
+
+
+def _quiet_library_progress_bars() -> None:
+    """diffusers/transformers draw their own tqdm bars for every save and load ("Writing model
+    shards", "Loading weights"); cogfun's progress is the one display, so turn theirs off."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def format_duration(seconds: float | None) -> str:

@@ -21,6 +21,7 @@ and are installed here (REFERENCE.md §8.6, §9.1):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -189,6 +190,25 @@ def _resize_in_channels(transformer: CogVideoXTransformer3DModel, in_channels: i
     transformer.register_to_config(in_channels=in_channels)
 
 
+class _DropFunKeyWarning(logging.Filter):
+    """diffusers warns on every load that it ignores the Fun-only config keys; they are expected
+    (kept in the config, and `add_noise_in_inpaint_model` is read below), so drop just that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "add_noise_in_inpaint_model" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_fun_config_keys():
+    config_logger = logging.getLogger("diffusers.configuration_utils")
+    drop = _DropFunKeyWarning()
+    config_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        config_logger.removeFilter(drop)
+
+
 def load_transformer(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -201,9 +221,10 @@ def load_transformer(
     exposed as an attribute of the returned model, since it changes what precompute must store.
     """
     folder = _transformer_dir(path)
-    transformer = CogVideoXTransformer3DModel.from_pretrained(
-        folder, torch_dtype=dtype, local_files_only=True
-    )
+    with _quiet_fun_config_keys():
+        transformer = CogVideoXTransformer3DModel.from_pretrained(
+            folder, torch_dtype=dtype, local_files_only=True
+        )
     transformer.add_noise_in_inpaint_model = bool(
         transformer.config.get("add_noise_in_inpaint_model", False)
     )
