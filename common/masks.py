@@ -166,6 +166,15 @@ def masked_video(pixels: Tensor, mask: Tensor) -> Tensor:
     return pixels * (1 - m) + torch.ones_like(pixels) * -1 * m
 
 
+def add_inpaint_noise(masked: Tensor, generator: torch.Generator) -> Tensor:
+    """The V1.1 models' noise augmentation of the masked video (`add_noise_in_inpaint_model`):
+    sigma = exp(N(-3, 0.5)) for the sample, Gaussian noise of that std added to every pixel that is
+    not exactly -1 (masked pixels stay -1). masked (F, 3, H, W) float in [-1, 1]."""
+    sigma = torch.exp(torch.normal(-3.0, 0.5, size=(1,), generator=generator))
+    noise = torch.randn(masked.shape, generator=generator) * sigma
+    return masked + torch.where(masked == -1, torch.zeros_like(noise), noise).to(masked.dtype)
+
+
 def resize_mask(mask_known: Tensor, latent_shape: tuple[int, ...] | torch.Size) -> Tensor:
     """(B, 1, F, H, W) known-mask (1 = known) -> (B, 1, F_lat, h, w) on the latent grid.
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 
 import torch
-from cogfun.common.masks import masked_video
+from cogfun.common.masks import add_inpaint_noise, masked_video
 from cogfun.common.progress import Progress
 from cogfun.common.store import StorePlan, StoreWriter
 from cogfun.precompute.encode import (
@@ -187,8 +187,22 @@ def encode_shared(
 # ---- chunks ----
 
 
+def _masked_input(spec: SampleSpec, p: dict, k: int, inpaint_noise: bool) -> Tensor:
+    """Variant k's masked video (F, 3, H, W); with `inpaint_noise` (models whose transformer config
+    sets add_noise_in_inpaint_model) the noise augmentation is drawn from the variant's seed, so it
+    is frozen in the store like the mask itself."""
+    video = masked_video(p["pixels"], p["masks"][k])
+    if not inpaint_noise:
+        return video
+    return add_inpaint_noise(video, torch.Generator().manual_seed(spec.mask_seeds[k]))
+
+
 def _masked_moments(
-    vae: VaeEncoder, ok: list[tuple[SampleSpec, dict]], batch: int, stats: Stats
+    vae: VaeEncoder,
+    ok: list[tuple[SampleSpec, dict]],
+    batch: int,
+    stats: Stats,
+    inpaint_noise: bool = False,
 ) -> list[dict[int, Tensor]]:
     """Moments of every masked video that is not all-masked, `batch` per VAE call, in
     (sample, variant) order; returned per sample as {variant: moments}."""
@@ -198,7 +212,7 @@ def _masked_moments(
         for k in range(len(p["all_masked"]))
         if not bool(p["all_masked"][k])
     ]
-    videos = [masked_video(ok[i][1]["pixels"], ok[i][1]["masks"][k]) for i, k in jobs]
+    videos = [_masked_input(*ok[i], k, inpaint_noise) for i, k in jobs]
     with _Timer(stats, "vae_ms"):
         moments = encode_in_batches(vae, videos, batch)
     out: list[dict[int, Tensor]] = [{} for _ in ok]
@@ -242,6 +256,7 @@ def encode_chunk(
     latent_format: str,
     with_masks: bool,
     stats: Stats,
+    inpaint_noise: bool = False,
 ) -> tuple[int, int]:
     """Encode one prepared chunk and queue its pending samples; returns (stored, failed)."""
     samples = list(zip(job.chunk.samples, prepared["samples"], job.pending, strict=True))
@@ -256,7 +271,11 @@ def encode_chunk(
         return 0, failed
     with _Timer(stats, "vae_ms"):
         moments = vae.moments(torch.stack([p["pixels"] for _, p in ok]))  # (B, F_lat, 2C, h, w)
-    masked = _masked_moments(vae, ok, vae_mini_batch, stats) if with_masks else [None] * len(ok)
+    masked = (
+        _masked_moments(vae, ok, vae_mini_batch, stats, inpaint_noise)
+        if with_masks
+        else [None] * len(ok)
+    )
     for i, (spec, p) in enumerate(ok):
         if spec.slot in todo:
             out.submit(
@@ -278,6 +297,7 @@ def encode_chunks(
     stats: Stats,
     bar: Progress,
     write_async: bool = True,
+    inpaint_noise: bool = False,
 ) -> None:
     """Consume prepared chunks (in job order) until all jobs are encoded and written."""
     out = AsyncWriter(stats, enabled=write_async, depth=max(4, 2 * vae_mini_batch))
@@ -292,7 +312,16 @@ def encode_chunks(
                 )
             stats.decode_ms += int(round(prepared["decode_s"] * 1000))
             stored, failed = encode_chunk(
-                job, prepared, vae, writer, out, vae_mini_batch, latent_format, with_masks, stats
+                job,
+                prepared,
+                vae,
+                writer,
+                out,
+                vae_mini_batch,
+                latent_format,
+                with_masks,
+                stats,
+                inpaint_noise,
             )
             stats.stored += stored
             stats.failed += failed

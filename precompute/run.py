@@ -22,9 +22,11 @@ decode workers, progress, and the thread count (recorded in the store's attrs in
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -33,7 +35,7 @@ import torch
 from cogfun.common.masks import IMAGE_MASK_PROBS, VIDEO_MASK_PROBS
 from cogfun.common.models import ModelFolderError, check_model_folder, model_identity
 from cogfun.common.progress import format_duration, progress, setup_logging
-from cogfun.common.store import StoreError, StoreLayout, StoreWriter, open_for_write
+from cogfun.common.store import StoreError, StoreLayout, StoreLock, StoreWriter, open_for_write
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.encode import TextEncoder, VaeEncoder, resolve_dtype
 from cogfun.precompute.metadata import MetadataError, Row, read_metadata
@@ -65,6 +67,7 @@ PIPELINE_VERSION = 1
 EXIT_NOTHING_STORED = 1
 EXIT_ABORT = 2
 MODEL_PARTS = ("vae", "text_encoder", "tokenizer")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class SetupAborted(Exception):
@@ -108,6 +111,15 @@ def run(config: PrecomputeConfig) -> int:
         return run_precompute(config).code
     except (MetadataError, ModelFolderError, StoreError, SetupAborted, OptionError) as e:
         log.error("precompute aborted: %s", e)
+        return EXIT_ABORT
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        log.error(
+            "precompute aborted: the disk is full (%s). Every sample finished so far is kept: "
+            "free some space and rerun the same command, it resumes where it stopped",
+            e,
+        )
         return EXIT_ABORT
 
 
@@ -156,7 +168,20 @@ def build_settings(cfg: PrecomputeConfig, vae_dtype: str, text_dtype: str) -> di
         "text_encoder": identity("text_encoder"),
         "tokenizer": identity("tokenizer"),
         "metadata_sha256": file_sha256(cfg.meta_path()),
+        "inpaint_noise": cfg.mode == "inpaint" and inpaint_noise(cfg.model),
     }
+
+
+def inpaint_noise(model: Path) -> bool:
+    """Whether the model's transformer config asks for the masked-video noise augmentation
+    (`add_noise_in_inpaint_model`, set by the V1.1 Fun models). Only the config JSON is read; a
+    folder without transformer/ (a precompute-only copy) counts as off."""
+    config = model / "transformer" / "config.json"
+    return (
+        bool(_read_json(config).get("add_noise_in_inpaint_model", False))
+        if config.is_file()
+        else False
+    )
 
 
 def _attrs(cfg: PrecomputeConfig, ranks: Ranks, threads: int) -> dict:
@@ -183,11 +208,19 @@ def _layout(cfg: PrecomputeConfig, settings: dict) -> StoreLayout:
 
 
 def _open_store(
-    cfg: PrecomputeConfig, ranks: Ranks, rows: list[Row], settings: dict, attrs: dict, layout
+    cfg: PrecomputeConfig,
+    ranks: Ranks,
+    rows: list[Row],
+    settings: dict,
+    attrs: dict,
+    layout: StoreLayout,
+    cleanup: ExitStack,
 ) -> tuple[Plan, StoreWriter]:
-    """Process 0 plans and creates (or resumes) the store; the others follow its saved probes."""
+    """Process 0 locks, plans and creates (or resumes) the store; the others follow its saved
+    probes. The lock is held until `cleanup` closes: one live precompute per store."""
     if ranks.is_main:
         try:
+            cleanup.callback(StoreLock(cfg.out).release)
             start = time.perf_counter()
             known = load_probes(cfg.out) if (cfg.out / "zarr.json").is_file() else None
             probes = probe_rows(rows, known)
@@ -251,6 +284,7 @@ class _Context:
     layout: StoreLayout
     plan: Plan
     writer: StoreWriter
+    settings: dict
 
 
 @dataclass
@@ -264,7 +298,7 @@ class Outcome:
     held: int
 
 
-def _setup(cfg: PrecomputeConfig) -> _Context:
+def _setup(cfg: PrecomputeConfig, cleanup: ExitStack) -> _Context:
     check_options(cfg)
     ranks = init_ranks()
     if cfg.threads > 0:
@@ -277,8 +311,9 @@ def _setup(cfg: PrecomputeConfig) -> _Context:
     text_dtype = resolve_dtype(cfg.text_encoder_dtype, ranks.device)
     settings = build_settings(cfg, vae_dtype, text_dtype)
     layout = _layout(cfg, settings)
-    plan, writer = _open_store(cfg, ranks, rows, settings, _attrs(cfg, ranks, threads), layout)
-    return _Context(cfg, ranks, threads, vae_dtype, text_dtype, layout, plan, writer)
+    attrs = _attrs(cfg, ranks, threads)
+    plan, writer = _open_store(cfg, ranks, rows, settings, attrs, layout, cleanup)
+    return _Context(cfg, ranks, threads, vae_dtype, text_dtype, layout, plan, writer, settings)
 
 
 def _encode(ctx: _Context, write_async: bool) -> tuple[Stats, float]:
@@ -323,6 +358,7 @@ def _encode(ctx: _Context, write_async: bool) -> tuple[Stats, float]:
                 stats=stats,
                 bar=bar,
                 write_async=write_async,
+                inpaint_noise=ctx.settings["inpaint_noise"],
             )
     elapsed = time.perf_counter() - start
     log.info(
@@ -374,7 +410,8 @@ def run_precompute(cfg: PrecomputeConfig, *, write_async: bool = True) -> Outcom
     """The whole stage (errors propagate). `write_async=False` writes inline, which the benchmark
     uses to time each stage alone."""
     started = time.perf_counter()
-    ctx = _setup(cfg)
-    stats, encode_s = _encode(ctx, write_async)
-    code, total, held = _finish(ctx, stats, started)
+    with ExitStack() as cleanup:
+        ctx = _setup(cfg, cleanup)
+        stats, encode_s = _encode(ctx, write_async)
+        code, total, held = _finish(ctx, stats, started)
     return Outcome(code, total, encode_s, held)
