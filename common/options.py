@@ -244,3 +244,41 @@ def split_foreign_args(
         found[key] = value if foreign[key].takes_value else True
         i += 1
     return rest, found
+
+
+def options_markdown(title: str, config_cls: type) -> str:
+    """The README's table of one stage's options, generated from the dataclass (so it stays true)."""
+    rows = [f"### {title} options", "", "| option | default | what it does |", "|---|---|---|"]
+    for f in dataclasses.fields(config_cls):
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        dashed = f.name.replace("_", "-")
+        name = f"`--{dashed}` / `--no-{dashed}`" if isinstance(default, bool) else f"`--{dashed}`"
+        aliases = f.metadata.get("aliases", ())
+        if aliases:
+            name += " (" + ", ".join(f"`--{a}`" for a in aliases) + ")"
+        text = f.metadata.get("help", "").replace("|", "\\|")
+        if f.metadata.get("choices"):
+            text += " One of: " + ", ".join(f.metadata["choices"]) + "."
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        elif default is None or default == []:
+            default = "—"
+        rows.append(f"| {name} | {default} | {text} |")
+    return "\n".join(rows) + "\n"
+
+
+def readme_options_block() -> str:
+    """Both stages' tables, as the README holds them between its `options` markers."""
+    from cogfun.precompute.config import PrecomputeConfig
+    from cogfun.train.config import TrainConfig
+
+    return (
+        options_markdown("`cogfun precompute`", PrecomputeConfig)
+        + "\n"
+        + options_markdown("`cogfun train`", TrainConfig)
+    )

@@ -1,0 +1,28 @@
+"""The README stays true: its option tables are the ones the configs generate, and its set-up and
+test commands are the ones CI runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cogfun.common.options import readme_options_block
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- options:start -->\n", "<!-- options:end -->"
+
+
+def test_readme_option_tables_match_the_configs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split(START, 1)[1].split(END, 1)[0]
+    expected = readme_options_block()
+    assert block.strip() == expected.strip(), (
+        "README.md option tables are stale; replace the block between the options markers with:\n"
+        "python -c 'from cogfun.common.options import readme_options_block as b; print(b())'"
+    )
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "pip install -e '.[dev]'" in readme and "pip install -q -e '.[dev]'" in ci
+    assert "python -m pytest" in readme and "python -m pytest -q" in ci
