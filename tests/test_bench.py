@@ -1,0 +1,184 @@
+"""The benchmark scripts: proportional model, FLOP ratios, bench/gpu.py --reduced, bench/train.py."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `bench` is a folder of scripts, not an installed package
+
+from bench import flops, models  # noqa: E402
+
+
+def _figures(stdout: str) -> dict[str, str]:
+    """`name: value` lines -> {name: value}."""
+    out = {}
+    for line in stdout.splitlines():
+        name, sep, value = line.partition(": ")
+        if sep and name and " " not in name:
+            out[name] = value.strip()
+    return out
+
+
+def _run(script: str, *args: str, timeout: int) -> dict[str, str]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return _figures(proc.stdout)
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_proportional_parameter_counts_match_benchmarks_table():
+    from transformers import T5EncoderModel
+
+    with torch.device("meta"):
+        transformer = models.build_transformer(models.proportional_transformer_config())
+        vae = models.build_vae(models.proportional_vae_config())
+        t5 = T5EncoderModel(models.t5_config(422, **models.PROPORTIONAL_T5))
+    # BENCHMARKS.md: 7.55 M (1.7 B / 225), 0.91 M, 18.2 M (with the tiny tokenizer's vocabulary).
+    assert _params(transformer) == pytest.approx(7.55e6, rel=0.005)
+    assert _params(vae) == pytest.approx(0.91e6, rel=0.005)
+    assert _params(t5) == pytest.approx(18.2e6, rel=0.005)
+    assert transformer.config.max_text_seq_length == 15 and transformer.config.in_channels == 33
+    assert not transformer.config.use_rotary_positional_embeddings
+
+
+def test_proportional_cost_ratios_within_2x_of_real():
+    figures = flops.proportional_costs().figures()
+    # BENCHMARKS.md, at 49x128x128: VAE 28.7 GFLOP per encode, T5 0.55, transformer forward 21.
+    assert figures["vae_encode_gflop"] == pytest.approx(28.7, rel=0.01)
+    assert figures["t5_gflop"] == pytest.approx(0.55, rel=0.01)
+    assert figures["transformer_forward_gflop"] == pytest.approx(21.0, rel=0.01)
+    assert figures["transformer_fwd_bwd_gflop"] == pytest.approx(3 * 21.0, rel=0.01)
+    for name, real in flops.TARGET_RATIOS.items():
+        assert real / 2 <= figures[name] <= real * 2, (name, figures[name])
+    # Two encodes + T5 + fwd/bwd over fwd/bwd alone: the compute-only bound of the speedup.
+    assert 1.5 < figures["online_compute_ratio_ckpt"] < figures["online_compute_ratio"] < 2.2
+
+
+def test_real_2b_cost_ratios_match_reference():
+    figures = flops.real_costs().figures()
+    assert figures["vae_encode_gflop"] == pytest.approx(1.13e5, rel=0.01)
+    assert figures["transformer_forward_gflop"] == pytest.approx(7.8e4, rel=0.01)
+    assert figures["cost_ratio_t5"] == pytest.approx(0.019, abs=0.001)
+    assert figures["cost_ratio_transformer"] == pytest.approx(0.69, abs=0.01)
+
+
+def test_folder_costs_read_a_model_folder(tiny_model_dir):
+    figures = flops.folder_costs(tiny_model_dir, 9, 64, 64).figures()
+    # The tiny VAE (tiny.py): 8 channels everywhere, one layer per block.
+    tiny_vae = {
+        "block_out_channels": (8, 8, 8, 8),
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "latent_channels": 16,
+        "temporal_compression_ratio": 4,
+    }
+    direct = flops.vae_encode_flops(tiny_vae, 9, 64, 64)
+    assert figures["vae_encode_gflop"] == pytest.approx(direct / 1e9)
+    assert 0 < figures["cost_ratio_transformer"] < 1
+
+
+@pytest.mark.slow
+def test_gpu_reduced_prints_sane_figures():
+    fig = _run(
+        "gpu.py", "--reduced", "--peak-tflops", "2", "--steps", "2", "--encodes", "1",
+        "--warmup", "1", timeout=300,
+    )  # fmt: skip
+    assert fig["device"] == "cpu"
+    assert int(fig["video_tokens"]) == 3 * 4 * 4 and int(fig["text_tokens"]) == 15
+    step_s, tflops = float(fig["transformer_step_s"]), float(fig["transformer_step_tflops"])
+    assert (
+        0 < float(fig["transformer_step_s_min"]) <= step_s <= float(fig["transformer_step_s_max"])
+    )
+    assert tflops == pytest.approx(float(fig["transformer_step_flops"]) / step_s / 1e12, rel=0.01)
+    assert float(fig["mfu"]) == pytest.approx(tflops / 2, rel=0.01)
+    assert 0 < float(fig["mfu"]) < 1
+    assert fig["vae_clip"] == "9x64x64"
+    assert float(fig["vae_frames_per_s"]) == pytest.approx(9 / float(fig["vae_encode_s"]), rel=0.01)
+    ratio = float(fig["online_step_ratio_estimate"])
+    assert ratio == pytest.approx(1 + 2 * float(fig["vae_encode_s"]) / step_s, rel=0.01)
+
+
+def test_gpu_peak_table():
+    from bench import gpu
+
+    assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert gpu.peak_tflops("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert gpu.peak_tflops("NVIDIA H200") == pytest.approx(989.4)
+    assert gpu.peak_tflops("cpu") is None
+
+
+TRAIN_FIGURES = [
+    "threads", "workers", "online_step_ms", "store_step_ms", "train_speedup_vs_online",
+    "train_speedup_vs_online_min", "train_speedup_vs_online_max", "train_speedup_vs_online_best",
+    "online_share_decode",
+    "online_share_vae", "online_share_t5", "online_share_transformer", "online_peak_mb",
+    "store_peak_mb", "train_peak_rss_ratio", "online_maxrss_mb", "store_maxrss_mb",
+    "data_wait_fraction",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_train_bench_reduced_prints_every_figure(tmp_path):
+    fig = _run(
+        "train.py", "--tiny", "--workdir", str(tmp_path), "--size", "32", "--frames", "9",
+        "--clips", "2", "--epoch-samples", "8", "--rounds", "2", "--steps", "1", "--warmup", "1",
+        "--wait-size", "32", "--wait-warmup", "2", "--wait-steps", "3", "--workers", "2",
+        "--threads", "1", timeout=600,
+    )  # fmt: skip
+    missing = [name for name in TRAIN_FIGURES if name not in fig]
+    assert not missing, f"figures not printed: {missing}"
+    value = {k: float(fig[k]) for k in TRAIN_FIGURES}
+    assert value["threads"] == 1 and value["workers"] == 2
+    assert fig["model"] == "tiny" and fig["clip"] == "9x32x32"
+    assert value["online_step_ms"] > 0 and value["store_step_ms"] > 0
+    speedup = value["online_step_ms"] / value["store_step_ms"]
+    assert value["train_speedup_vs_online"] == pytest.approx(speedup, rel=1e-3)
+    low, high = value["train_speedup_vs_online_min"], value["train_speedup_vs_online_max"]
+    assert 0 < low <= high and value["train_speedup_vs_online_best"] > 0
+    shares = [value[f"online_share_{p}"] for p in ("decode", "vae", "t5", "transformer")]
+    assert all(0 <= s <= 1 for s in shares[:3]) and math.isclose(sum(shares), 1, abs_tol=1e-3)
+    assert value["online_peak_mb"] > 50 and value["store_peak_mb"] > 50
+    ratio = value["store_peak_mb"] / value["online_peak_mb"]
+    assert value["train_peak_rss_ratio"] == pytest.approx(ratio, rel=1e-3)
+    assert 0 <= value["data_wait_fraction"] < 1
+    # The replicated store the store way trained on holds --epoch-samples samples.
+    from cogfun.common.store import open_store
+
+    (replica,) = tmp_path.glob("tiny_2x9x32_*_x8.zarr")
+    store = open_store(replica)
+    assert sum(len(b.slots) for b in store.buckets.values()) == 8
+    assert store.verify() == []
+
+
+@pytest.mark.slow
+def test_write_proportional_model_loads_through_cogfun(tmp_path):
+    from cogfun.common.models import load_text_encoder, load_tokenizer, load_vae
+    from cogfun.common.transformer import load_transformer
+
+    folder = models.write_proportional_model(tmp_path / "prop")
+    counts = models.parameter_counts(folder)
+    assert counts["transformer"] == pytest.approx(7.55e6, rel=0.005)
+    assert counts["vae"] == pytest.approx(0.91e6, rel=0.005)
+    assert counts["text_encoder"] == pytest.approx(18.2e6, rel=0.005)
+    transformer = load_transformer(folder)
+    assert transformer.config.num_layers == 30 and transformer.config.text_embed_dim == 256
+    assert list(load_vae(folder).config.block_out_channels) == [8, 16, 16, 32]
+    assert load_text_encoder(folder).config.num_layers == 24
+    ids = load_tokenizer(folder)(["a dog running"], max_length=15, padding="max_length").input_ids
+    assert len(ids[0]) == 15
