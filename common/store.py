@@ -36,6 +36,8 @@ On-disk layout (bf16 is stored as its uint16 bits; every array compressed with B
     STORE/captions/  embeddings (M, L, D) uint16 one chunk per caption; texts (M,) string;
                      checksum (M,) uint64 (done flag). Index 0 is always the empty caption.
     STORE/failures/<sha256(key)[:32]>.json   {key, file, reason, row}: one file per failed input
+    .STORE.lock (beside the store)     flock held by the one live precompute (`StoreLock`);
+                                       `live_writer(path)` tells "being written now" from "interrupted"
 
 A sample's checksum (blake2b, 64 bits) covers its bucket name and slot, the exact bytes of its
 arrays, its caption index and its provenance hash, so a deleted chunk (zarr returns zeros), a
@@ -44,6 +46,7 @@ resized; chunks are never shared between samples, so processes writing disjoint 
 """
 
 from cogfun.common.store_create import open_for_write
+from cogfun.common.store_lock import StoreLock, live_writer
 from cogfun.common.store_read import StoreReader, open_store
 from cogfun.common.store_schema import (
     SCHEMA_VERSION,
@@ -68,10 +71,12 @@ __all__ = [
     "RowPlan",
     "StoreError",
     "StoreLayout",
+    "StoreLock",
     "StorePlan",
     "StoreReader",
     "StoreWriter",
     "fingerprint",
+    "live_writer",
     "open_for_write",
     "open_store",
 ]

@@ -16,15 +16,18 @@ import numpy as np
 import torch
 import zarr
 from cogfun.common import store_scan
+from cogfun.common.store_chunks import ChunkFiles
 from cogfun.common.store_io import (
     check_root,
     from_bits,
     node_attributes,
     open_array,
+    open_chunk_files,
     open_group,
     open_root,
     read_flags,
 )
+from cogfun.common.store_lock import live_writer
 from cogfun.common.store_schema import (
     BucketInfo,
     DamagedSample,
@@ -33,6 +36,7 @@ from cogfun.common.store_schema import (
     caption_checksum,
     caption_specs,
     checksum,
+    latent_shape_of,
     plan_specs,
     sample_checksum,
     sample_specs,
@@ -63,10 +67,14 @@ class StoreReader:
         root = check_root(self.path)
         self.status: str = root["status"]
         if self.status != "complete" and not allow_incomplete:
-            raise StoreError(
-                f"{self.path} is incomplete (status {self.status!r}): a precompute is still running "
-                "or was interrupted; rerun the same precompute command to finish it"
+            writer = live_writer(self.path)
+            state = (
+                f"a precompute is writing it right now ({writer}): wait for it to finish"
+                if writer
+                else "a precompute is still running or was interrupted; rerun the same "
+                "precompute command to finish it"
             )
+            raise StoreError(f"{self.path} is incomplete (status {self.status!r}): {state}")
         self.root_attrs = root
         self.attrs: dict = root.get("attrs", {})
         self.settings: dict = root["settings"]
@@ -74,18 +82,32 @@ class StoreReader:
         self.layout = StoreLayout.from_json(root["layout"], str(self.path / "zarr.json"))
         self._root = open_root(self.path, "r")
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
+        self._files: dict[str, dict[str, ChunkFiles | None]] = {}  # per-sample arrays' files
         self._rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._shared: dict[str, np.ndarray] = {}
         self._done: dict[str, np.ndarray] = {}
         self.buckets: dict[str, BucketInfo] = {
             name: self._open_bucket(name) for name in root["buckets"]
         }
+        if self.status == "complete":
+            self._check_counts()
 
     def __getstate__(self) -> dict:
         return {"path": str(self.path), "allow_incomplete": self._allow_incomplete}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(Path(state["path"]), allow_incomplete=state["allow_incomplete"])
+
+    def _check_counts(self) -> None:
+        """finalize recorded each bucket's stored count: an edited bucket list or done index
+        would otherwise drop or add samples without a word."""
+        counts = self.root_attrs.get("counts")
+        found = {name: len(info.slots) for name, info in self.buckets.items()}
+        if counts != found:
+            raise StoreError(
+                f"{self.path / 'zarr.json'}: the buckets and their stored counts ({found}) do not "
+                f"match the counts recorded at finalize ({counts}): edited or damaged"
+            )
 
     def _open_bucket(self, name: str) -> BucketInfo:
         group_dir = self.path / "buckets" / name
@@ -104,6 +126,12 @@ class StoreReader:
             raise StoreError(
                 f"{group_dir / 'zarr.json'}: bucket attributes missing or edited ({exc})"
             ) from exc
+        f_lat, h, w = latent_shape_of(info.frames, info.height, info.width)
+        if info.latent_shape != (f_lat, self.layout.latent_channels, h, w):
+            raise StoreError(
+                f"{group_dir / 'zarr.json'}: bucket attributes edited: {info.frames} frames of "
+                f"{info.height}x{info.width} pixels do not give latent shape {info.latent_shape}"
+            )
         if self.status == "complete":
             group = open_group(self._root, f"buckets/{name}", group_dir)
             done_spec = next(s for s in plan_specs(info.planned) if s.name == "done")
@@ -119,7 +147,10 @@ class StoreReader:
                     f"{group_dir / 'done'}: the done index does not match its checksum (damaged)"
                 )
         else:  # no index yet: the done flags are the checksums themselves (scans the bucket)
-            done = (read_flags(self._bucket_arrays(name, info)["checksum"]) != 0).astype(np.uint8)
+            flags = read_flags(
+                self._bucket_arrays(name, info)["checksum"], self._files[name]["checksum"]
+            )
+            done = (flags != 0).astype(np.uint8)
         return BucketInfo(**{**info.__dict__, "slots": np.flatnonzero(done).astype(np.int64)})
 
     # ---- lazily opened arrays and plan rows ----
@@ -147,6 +178,10 @@ class StoreReader:
             specs = sample_specs(info.planned, info, self.layout) + plan_specs(info.planned)
             specs += shared_specs(info, self.layout)
             self._arrays[bucket] = {s.name: open_array(group, group_dir, s) for s in specs}
+            self._files[bucket] = {
+                s.name: open_chunk_files(group_dir, s)
+                for s in sample_specs(info.planned, info, self.layout)
+            }
         return self._arrays[bucket]
 
     def _caption_arrays(self) -> dict[str, zarr.Array]:
@@ -230,8 +265,9 @@ class StoreReader:
         arrays = self._bucket_arrays(bucket)
         names = [n for n in SAMPLE_ARRAYS if n in arrays]
         try:
-            data = {n: _take(arrays[n], slots) for n in names}
-            sums = _take(arrays["checksum"], slots) if verify else None
+            files = self._files[bucket]
+            data = {n: _take(arrays[n], files[n], slots) for n in names}
+            sums = _take(arrays["checksum"], files["checksum"], slots) if verify else None
         except Exception as exc:
             if len(slots) > 1:  # find which sample is unreadable
                 for s in slots:
@@ -319,9 +355,13 @@ class StoreReader:
         return store_scan.summary(self)
 
 
-def _take(array: Any, slots: np.ndarray) -> np.ndarray:
-    """Rows `slots` of a one-chunk-per-sample array, stacked. Plain slices, one per sample: zarr's
-    orthogonal selection fancy-indexes inside every chunk and was about 2x slower per sample."""
+def _take(array: Any, files: ChunkFiles | None, slots: np.ndarray) -> np.ndarray:
+    """Rows `slots` of a one-chunk-per-sample array, stacked: read straight from the chunk files
+    when the array has the store's simple layout (about 3x faster than zarr per chunk), else with
+    plain zarr slices, one per sample (orthogonal selection fancy-indexes inside every chunk and
+    was about 2x slower per sample)."""
     if len(slots) == 0:
         return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+    if files is not None:
+        return files.read_many(slots.tolist())
     return np.concatenate([np.asarray(array[int(s) : int(s) + 1]) for s in slots])

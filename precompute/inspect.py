@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from cogfun.common.store import StoreError, open_store
+from cogfun.common.store import StoreError, live_writer, open_store
 from rich.console import Console
 from rich.table import Table
 
@@ -157,7 +157,9 @@ def inspect_store(path: str | Path, *, as_json: bool = False, verify: bool = Fal
     )
     incomplete = summary["status"] != "complete"
     if incomplete:
-        err.print(f"warning: {INCOMPLETE}", markup=False, highlight=False)
+        writer = live_writer(path)
+        warning = f"the store is incomplete: a precompute is writing it right now ({writer})"
+        err.print(f"warning: {warning if writer else INCOMPLETE}", markup=False, highlight=False)
     code = EXIT_DAMAGED if verify and (damaged or incomplete) else EXIT_OK
     if as_json:
         if damaged is not None:

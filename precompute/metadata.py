@@ -152,9 +152,12 @@ def _load_jsonl(path: Path, text: str) -> list[tuple[int | None, Any]]:
 
 
 def _load_csv(path: Path, text: str) -> list[tuple[int | None, Any]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    # strict: an unclosed quote is an error, not a caption that swallows the rest of the file.
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    ended = 0  # the line the last good record (or the header) ended on
     try:
         header = reader.fieldnames
+        ended = reader.line_num
         if header is None:
             raise MetadataError(
                 f"{path}: line 1: empty CSV file, expected a header with file_path,text"
@@ -166,9 +169,14 @@ def _load_csv(path: Path, text: str) -> list[tuple[int | None, Any]]:
                 f"{path}: line 1: CSV header lacks column(s) {', '.join(missing)} (found: {found})"
             )
         # reader.line_num is the line a record ends on (a quoted caption may span lines).
-        return [(reader.line_num, _check_csv_width(record)) for record in reader]
-    except csv.Error as e:
-        raise MetadataError(f"{path}: line {reader.line_num}: invalid CSV: {e}") from None
+        records: list[tuple[int | None, Any]] = []
+        for record in reader:
+            ended = reader.line_num
+            records.append((ended, _check_csv_width(record)))
+        return records
+    except csv.Error as e:  # the bad record starts on the line after the last good one
+        hint = " (a quote that is never closed?)" if "end of data" in str(e) else ""
+        raise MetadataError(f"{path}: line {ended + 1}: invalid CSV: {e}{hint}") from None
 
 
 # Key under which _check_csv_width leaves a record-shape problem for _parse_row (not a str, so it
@@ -214,6 +222,11 @@ def _parse_row(meta_path: Path, data_root: Path, index: int, line: int | None, o
         file_path = ""
     elif not file_path.strip():
         problems.append("field 'file_path' is empty")
+    elif not _is_unicode(file_path):
+        # A non-UTF-8 name on disk (json.dump of os.listdir writes it as a lone surrogate): no
+        # video reader opens it, and it cannot be stored as UTF-8 text. Shown with its bytes.
+        file_path = _printable(file_path)
+        problems.append(f"field 'file_path' '{file_path}' is not a valid UTF-8 file name")
 
     text = obj.get("text")
     if "text" not in obj:
@@ -222,6 +235,10 @@ def _parse_row(meta_path: Path, data_root: Path, index: int, line: int | None, o
         problems.append("field 'text' is null")
     elif not isinstance(text, str):
         problems.append(f"field 'text' must be a string, got a {_json_type(text)}")
+        text = None
+    elif not _is_unicode(text):
+        shown = _printable(text)[:60]
+        problems.append(f"field 'text' '{shown}' is not valid Unicode (a lone surrogate escape)")
         text = None
 
     media_type = obj.get("type")
@@ -237,6 +254,24 @@ def _parse_row(meta_path: Path, data_root: Path, index: int, line: int | None, o
     error = f"{where}: " + "; ".join(problems) if problems else None
     path = data_root / file_path if file_path else data_root
     return Row(index, file_path, path, text, media_type, width, height, error, line=line)
+
+
+def _is_unicode(value: str) -> bool:
+    """False for strings holding lone surrogates (JSON allows `\\udce9` escapes; UTF-8 does not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(value: str) -> str:
+    """`value` with lone surrogates shown as escapes: the raw byte (`\\xe9`) for the ones
+    os.fsdecode makes of a non-UTF-8 name, else the code point (`\\ud800`)."""
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _parse_size(obj: dict, field: str, problems: list[str]) -> int | None:

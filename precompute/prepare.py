@@ -118,7 +118,7 @@ def prepared_chunks(
     and keep up to 2 chunks per worker ready ahead of the consumer."""
     dataset = ChunkDataset(jobs, short_side_cap, with_masks)
     if workers <= 0 or not jobs:
-        return (dataset[i] for i in range(len(dataset)))
+        return (_one_thread(dataset, i) for i in range(len(dataset)))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
@@ -128,3 +128,18 @@ def prepared_chunks(
         pin_memory=pin_memory,
     )
     return iter(loader)
+
+
+def _one_thread(dataset: ChunkDataset, i: int) -> dict:
+    """Job i prepared in this process with one torch thread, as a decode worker runs it (torch
+    gives each DataLoader worker one thread). The float bilinear resize of `cap_short_side` rounds
+    some pixels differently when torch splits it over threads, so without this `--decode-workers 0`
+    stored other bytes than the default workers whenever --threads was above 1."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return dataset[i]
+    torch.set_num_threads(1)
+    try:
+        return dataset[i]
+    finally:
+        torch.set_num_threads(threads)

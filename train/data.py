@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from cogfun.train.prefetch import EpochLoader
+from torch.utils.data import Dataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +228,12 @@ def make_dataloader(
     world: int,
     skip_damaged: bool = False,
     prefetch_factor: int = 4,
-) -> tuple[DataLoader, BucketBatchSampler]:
+) -> tuple[EpochLoader, BucketBatchSampler]:
     """A DataLoader yielding one store batch per item, and its sampler (for set_epoch/set_position).
 
     ``batch_size=None`` in the DataLoader: the sampler yields whole batches and the dataset reads
-    each in one call, so there is no per-sample fetch and no collation.
+    each in one call, so there is no per-sample fetch and no collation. Each pass over the loader
+    is one epoch of the sampler; the workers prefetch across epoch boundaries (`EpochLoader`).
     """
     from cogfun.common.store import open_store
 
@@ -251,10 +253,9 @@ def make_dataloader(
             "prefetch_factor": prefetch_factor,
             "worker_init_fn": _worker_init,
         }
-    loader = DataLoader(
+    loader = EpochLoader(
         StoreBatchDataset(store_path, skip_damaged=skip_damaged),
-        batch_size=None,
-        sampler=sampler,
+        sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         # Own generator: otherwise each new iterator draws its worker base seed from torch's global

@@ -1,0 +1,187 @@
+"""Direct access to the chunk files of the store's one-chunk-per-sample arrays.
+
+Private helper of `cogfun.common.store`. zarr spends about 1 ms of Python and event-loop work per
+chunk it reads or writes, several times the cost of the file operation itself, and the store keeps
+one chunk file per sample per array. For the simple arrays the store creates (one chunk per row,
+flat `c.<row>.0...` keys, little-endian bytes, optionally Blosc) this module reads and writes those
+files itself, byte for byte what zarr reads and writes (tests/test_store_chunks.py compares both):
+
+- a missing chunk file reads as the fill value (0), as in zarr;
+- a row equal to the fill value is not written and its old file is removed (zarr's
+  `write_empty_chunks=False`), so a rewritten sample leaves the same files as a zarr write;
+- each file goes through a temporary name and a rename (as zarr's LocalStore does), so a `kill -9`
+  leaves the old file or the new one, never a torn one.
+
+`chunk_files` returns None for any array whose metadata is not that simple layout; callers then go
+through zarr, so the store stays readable whatever another zarr writer made of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from numcodecs import Blosc
+
+WRITE_THREADS = 8  # file writes release the GIL; more threads than cores keeps the disk busy
+_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+_DTYPES = {"uint8", "uint16", "uint64", "int64"}
+
+
+class ChunkFiles:
+    """The chunk files of one array whose chunks are single rows: `row(i)` lives in one file."""
+
+    def __init__(self, folder: Path, shape: tuple[int, ...], dtype: str, blosc: Blosc | None):
+        self.folder = folder
+        self._prefix = os.path.join(folder, "c.")  # plain strings: pathlib costs ~10 us a file
+        self.row_shape = tuple(shape[1:])
+        self.rows = shape[0]
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.blosc = blosc
+        self._suffix = ".0" * len(self.row_shape)
+        self._row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def path(self, row: int) -> str:
+        return f"{self._prefix}{int(row)}{self._suffix}"
+
+    # ---- reads ----
+
+    def read(self, row: int) -> np.ndarray:
+        """One row (row_shape); a missing file is the fill value. Undecodable bytes raise."""
+        try:
+            with open(self.path(row), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return np.zeros(self.row_shape, dtype=self.dtype)
+        if self.blosc is not None:
+            data = self.blosc.decode(data)
+        if len(data) != self._row_bytes:
+            raise ValueError(
+                f"{self.path(row)}: {len(data)} bytes after decoding, expected {self._row_bytes}"
+            )
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.row_shape)
+
+    def read_many(self, rows: Iterable[int]) -> np.ndarray:
+        """Rows stacked (B, *row_shape), native byte order."""
+        rows = list(rows)
+        out = np.empty((len(rows), *self.row_shape), dtype=self.dtype.newbyteorder("="))
+        for i, r in enumerate(rows):
+            out[i] = self.read(r)
+        return out
+
+    def read_flags(self) -> np.ndarray:
+        """Every row of a (N,) array; a file that is missing or cannot be decoded counts as 0."""
+        out = np.zeros(self.rows, dtype=self.dtype.newbyteorder("="))
+        for name in os.listdir(self.folder):
+            index = name[2:].split(".", 1)[0] if name.startswith("c.") else ""
+            # Only chunk keys: temporary files of interrupted writes are skipped.
+            if (
+                index.isdigit()
+                and int(index) < self.rows
+                and name == f"c.{int(index)}{self._suffix}"
+            ):
+                row = int(index)
+                try:
+                    out[row] = self.read(row)[()]
+                except (OSError, ValueError, RuntimeError):
+                    out[row] = 0
+        return out
+
+    # ---- writes ----
+
+    def encode(self, row: np.ndarray) -> bytes | None:
+        """The chunk file's bytes for `row`, or None for an all-fill row (no file, as zarr)."""
+        row = np.asarray(row, dtype=self.dtype, order="C")  # 0-d stays 0-d
+        if row.shape != self.row_shape:
+            raise ValueError(f"{self.folder}: row shape {row.shape}, expected {self.row_shape}")
+        if not row.any():
+            return None
+        raw = row.reshape(-1).view(np.uint8)
+        return bytes(self.blosc.encode(raw)) if self.blosc is not None else raw.tobytes()
+
+    def write(self, row: int, value: np.ndarray | None) -> None:
+        """Write one row's file (None: remove it, as writing the fill value does)."""
+        put(self.path(row), None if value is None else self.encode(value))
+
+
+def put(path: str, data: bytes | None) -> None:
+    """Write `data` to `path` through a temporary file and a rename; None removes the file."""
+    if data is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_all(items: Iterable[tuple[ChunkFiles, int, np.ndarray | None]]) -> None:
+    """`files.write(row, value)` for every item, many at a time (compression and file writes
+    release the GIL); returns once all are on disk, raising the first error."""
+    items = list(items)
+    threads = max(1, min(WRITE_THREADS, len(items) // 16))  # a thread per 16 files at least
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for future in [pool.submit(_write_each, items[i::threads]) for i in range(threads)]:
+            future.result()
+
+
+def _write_each(items: list[tuple[ChunkFiles, int, np.ndarray | None]]) -> None:
+    for files, row, value in items:
+        files.write(row, value)
+
+
+def chunk_files(meta: dict, folder: Path) -> ChunkFiles | None:
+    """ChunkFiles for an array's parsed `zarr.json`, or None when it is not the simple layout."""
+    try:
+        shape = tuple(int(v) for v in meta["shape"])
+        chunks = tuple(int(v) for v in meta["chunk_grid"]["configuration"]["chunk_shape"])
+        key = meta["chunk_key_encoding"]
+        codecs = meta["codecs"]
+        dtype = meta["data_type"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    simple = (
+        meta.get("chunk_grid", {}).get("name") == "regular"
+        and key.get("name") == "default"
+        and key.get("configuration", {}).get("separator") == "."
+        and dtype in _DTYPES
+        and meta.get("fill_value") == 0
+        and not meta.get("storage_transformers")
+        and len(shape) >= 1
+        and chunks == (1, *shape[1:])
+    )
+    if not simple or not codecs or codecs[0].get("name") != "bytes":
+        return None
+    endian = codecs[0].get("configuration", {}).get("endian", "little")
+    if endian != "little" or len(codecs) > 2:
+        return None
+    blosc = None
+    if len(codecs) == 2:
+        if codecs[1].get("name") != "blosc":
+            return None
+        c = codecs[1].get("configuration", {})
+        try:
+            blosc = Blosc(
+                cname=c["cname"],
+                clevel=int(c["clevel"]),
+                shuffle=_SHUFFLE[c["shuffle"]],
+                blocksize=int(c.get("blocksize", 0)),
+                typesize=int(c.get("typesize", np.dtype(dtype).itemsize)),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+    return ChunkFiles(folder, shape, dtype, blosc)
