@@ -6,6 +6,7 @@ imports (torch, diffusers, zarr) happen inside the commands so `cogfun --help` s
 
 from __future__ import annotations
 
+import errno
 from importlib.metadata import version as _dist_version
 from pathlib import Path
 
@@ -109,6 +110,18 @@ def _run_train(cfg: TrainConfig) -> None:
         run(cfg)
     except REFUSALS as err:
         typer.echo(f"cogfun train: {err}", err=True)
+        raise typer.Exit(2) from err
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Checkpoints are written under a temporary name and renamed when complete, so the newest
+        # checkpoint-N on disk is whole; the resumed run repeats the lost steps exactly.
+        typer.echo(
+            f"cogfun train: the disk is full ({err}). Checkpoints already saved in "
+            f"{cfg.output_dir} are complete: free some space and rerun the same command, it "
+            "resumes from the latest one.",
+            err=True,
+        )
         raise typer.Exit(2) from err
 
 

@@ -88,12 +88,6 @@ def test_disk_full_during_a_checkpoint_then_resume_is_identical(setup, disk_full
     assert train_compare(ref, out) == (0, 0, True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/run.py: an OSError(ENOSPC) during a checkpoint save ends in a traceback; it "
-    "should be one clear line (disk full, the last complete checkpoint, rerun resumes), as "
-    "precompute/run.py does",
-)
 def test_disk_full_during_a_checkpoint_is_a_clear_error(disk_full):
     _, _, res = disk_full
     assert "Traceback" not in res.stderr and "disk is full" in res.stderr
