@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -150,8 +151,15 @@ def test_only_complete_checkpoints_count_and_latest_is_the_highest(tmp_path):
     assert find_resume(tmp_path, str(tmp_path / "checkpoint-9")) == tmp_path / "checkpoint-9"
     with pytest.raises(CheckpointError, match="not a complete cogfun checkpoint"):
         find_resume(tmp_path, "checkpoint-11")
+    # A kill between the two renames of a re-save of step 7: the set-aside copy is all there is.
+    _fake_checkpoint(tmp_path, ".old-checkpoint-7")
+    _fake_checkpoint(tmp_path, ".old-checkpoint-9")  # step 9 was re-saved: the old copy goes
     remove_stale(tmp_path)
     assert not (tmp_path / ".tmp-checkpoint-12").exists()
+    assert not (tmp_path / ".old-checkpoint-9").exists()
+    assert not (tmp_path / ".old-checkpoint-7").exists()
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [2, 7, 9, 10]
+    shutil.rmtree(tmp_path / "checkpoint-7")
     prune(tmp_path, 2)
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [9, 10]
 

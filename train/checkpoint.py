@@ -116,6 +116,14 @@ def remove_stale(output_dir: Path) -> None:
     if not output_dir.is_dir():
         return
     for path in output_dir.iterdir():
+        if path.name.startswith(OLD_PREFIX):
+            final = output_dir / ("checkpoint-" + path.name.removeprefix(OLD_PREFIX))
+            if not final.exists():
+                # A kill between `_publish`'s two renames: the set-aside copy is the only complete
+                # checkpoint of that step, so put it back rather than delete it.
+                log.info("restoring %s from %s (a re-save was interrupted)", final, path)
+                path.rename(final)
+                continue
         if path.name.startswith((TMP_PREFIX, OLD_PREFIX)):
             log.info("removing incomplete checkpoint %s", path)
             shutil.rmtree(path, ignore_errors=True)
