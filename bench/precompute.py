@@ -73,11 +73,14 @@ def write_proportional_model(out: Path) -> Path:
     return out
 
 
-def write_dataset(root: Path, videos: int, images: int, height: int, width: int) -> Path:
-    """Clips long enough for a full 49-frame stride-3 clip (150 frames), images, metadata.json."""
+def write_dataset(
+    root: Path, videos: int, images: int, height: int, width: int, frames: int = 49
+) -> Path:
+    """Clips long enough for one `frames`-frame stride-3 clip (150 frames for 49), images,
+    metadata.json."""
     rows = []
     for i in range(videos):
-        write_video(root / f"v{i:03d}.mp4", 150, height, width, seed=i)
+        write_video(root / f"v{i:03d}.mp4", 3 * frames + 3, height, width, seed=i)
         rows.append({"file_path": f"v{i:03d}.mp4", "text": f"clip number {i}", "type": "video"})
     for i in range(images):
         write_image(root / f"i{i:03d}.png", height, width, seed=100 + i)
@@ -97,6 +100,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (both runs)")
     parser.add_argument("--masks", type=int, default=1, help="--masks-per-sample")
     parser.add_argument("--source", default="360x640", help="HxW of the generated media")
+    parser.add_argument("--frames", type=int, default=49, help="frames per clip (4k+1)")
+    parser.add_argument("--size", type=int, default=128, help="bucket edge in pixels (x16)")
     args = parser.parse_args()
     setup_logging()
 
@@ -109,14 +114,14 @@ def main() -> None:
         # BENCHMARKS.md: 49-frame clips, stride 3, bucket base 128, 15 text tokens. Sources are
         # larger than the bucket (decoded full size, then resized), as real clips are.
         height, width = (int(v) for v in args.source.split("x"))
-        data = write_dataset(work / "data", args.videos, args.images, height, width)
+        data = write_dataset(work / "data", args.videos, args.images, height, width, args.frames)
         base = dict(
             data=data,
             model=model,
-            image_sample_size=128,
-            video_sample_size=128,
-            token_sample_size=128,
-            video_sample_n_frames=49,
+            image_sample_size=args.size,
+            video_sample_size=args.size,
+            token_sample_size=args.size,
+            video_sample_n_frames=args.frames,
             tokenizer_max_length=15 if args.model == "proportional" else 226,
             masks_per_sample=args.masks,
             threads=args.threads,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Blosc
 
-WRITE_THREADS = 8  # file writes release the GIL; more threads than cores keeps the disk busy
+WRITE_THREADS = 8  # compression and file syscalls release the GIL, so threads overlap them
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 _DTYPES = {"uint8", "uint16", "uint64", "int64"}
 

@@ -256,6 +256,7 @@ def make_dataloader(
     loader = EpochLoader(
         StoreBatchDataset(store_path, skip_damaged=skip_damaged),
         sampler,
+        ahead=2 if num_workers > 0 else 0,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         # Own generator: otherwise each new iterator draws its worker base seed from torch's global

@@ -17,6 +17,10 @@ are exactly the sampler's and the store's.
 
 from __future__ import annotations
 
+import atexit
+import queue
+import threading
+import weakref
 from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -55,16 +59,28 @@ class EpochLoader(DataLoader):
     and `unpack_batch` here.
     """
 
-    def __init__(self, dataset: Dataset, batches: BucketBatchSampler, **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: Dataset, batches: BucketBatchSampler, ahead: int = 2, **kwargs: Any
+    ) -> None:
         self.batches = batches
+        self.ahead = ahead
         self._stream = _BatchStream(batches)
-        self._live: Iterator[Any] | None = None
+        self._live: list[_Receiver | None] = [None]  # a holder the finalizer below can see
         self._next: tuple[int, int] | None = None  # (epoch, batches done) the stream yields next
         pack = partial(pack_batch, as_tensor=bool(kwargs.get("pin_memory")))
         super().__init__(dataset, batch_size=None, sampler=self._stream, collate_fn=pack, **kwargs)
+        weakref.finalize(self, _stop_receiver, self._live)  # a dropped loader ends its thread
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def _end_workers(self) -> None:
+        """Shut the workers down now (a new pass starts new ones). Left to garbage collection
+        after a failed read, their shutdown waited out torch's 5 s join timeout per worker."""
+        it = getattr(self, "_iterator", None)  # torch keeps persistent workers' iterator here
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+            self._iterator = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self._epoch()
@@ -72,28 +88,117 @@ class EpochLoader(DataLoader):
     def _epoch(self) -> Iterator[dict[str, Any]]:
         s = self.batches
         want, s._skip = (s.epoch, s._skip), 0  # the skip is spent, as the sampler's own pass does
-        if self._live is None or self._next != want:
+        live = self._live[0]
+        if live is None or self._next != want:
+            if live is not None:
+                live.stop()  # joined before the workers' iterator is reset under it
             self._stream.start = want
-            self._live = super().__iter__()
+            live = self._live[0] = _Receiver(super().__iter__(), self.ahead)
         epoch, done = want
         while done < len(s):
             try:
-                packed = next(self._live)
+                packed = next(live)
             except Exception:  # a failed read ends the stream: a later pass starts it afresh
-                self._live, self._next = None, None
+                live.stop()
+                self._live[0], self._next = None, None
+                self._end_workers()
                 raise
             done += 1
             self._next = (epoch, done) if done < len(s) else (epoch + 1, 0)
             yield unpack_batch(packed)
 
 
+# ---- receiving batches on a background thread ----
+
+_THREADS: list[tuple[threading.Thread, threading.Event]] = []
+
+
+@atexit.register
+def _join_receivers() -> None:
+    """Stop and join every receiver thread at exit, before torch's own exit handlers (registered
+    earlier, so run later) shut the workers down: a thread left inside a DataLoader iterator while
+    the interpreter finalizes aborts the process."""
+    for _, stop in _THREADS:
+        stop.set()
+    for thread, _ in _THREADS:
+        thread.join()
+
+
+class _Receiver:
+    """`next()` of a DataLoader iterator, received on a background thread up to `depth` ahead
+    (depth 0: by the caller, no thread). Taking a batch from a worker costs the training process
+    0.5-3 ms, more when the cores are busy (the worker's sending thread must run); on the thread
+    it overlaps the step, as torch's pin-memory thread does on CUDA. Only the thread touches the
+    iterator until `stop()` has joined it."""
+
+    def __init__(self, source: Iterator[Any], depth: int) -> None:
+        self._source = source if depth == 0 else None
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if depth:
+            # The thread holds the iterator, the queue and the event, never this object.
+            args = (source, self._queue, self._stop)
+            self._thread = threading.Thread(
+                target=_receive, args=args, name="cogfun-batches", daemon=True
+            )
+            _THREADS[:] = [(t, e) for t, e in _THREADS if t.is_alive()]
+            _THREADS.append((self._thread, self._stop))
+            self._thread.start()
+
+    def __next__(self) -> Any:
+        if self._source is not None:
+            return next(self._source)
+        item, error = self._queue.get()
+        if error is not None:
+            raise error
+        return item
+
+    def stop(self, wait: bool = True) -> None:
+        self._stop.set()
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def _receive(source: Iterator[Any], out: queue.Queue, stop: threading.Event) -> None:
+    try:
+        for item in source:
+            if not _put(out, stop, (item, None)):
+                return
+        _put(out, stop, (None, RuntimeError("the batch stream ended")))
+    except Exception as exc:
+        # Without this thread's frames in its traceback, the exception does not keep the
+        # workers' iterator alive for as long as the caller keeps the exception.
+        _put(out, stop, (None, exc.with_traceback(None)))
+
+
+def _put(out: queue.Queue, stop: threading.Event, entry: tuple) -> bool:
+    while not stop.is_set():
+        try:
+            out.put(entry, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _stop_receiver(holder: list[_Receiver | None]) -> None:
+    if holder[0] is not None:
+        holder[0].stop(wait=False)
+
+
 _ALIGN = 16  # every array starts at a multiple of this in the buffer, so any dtype can view it
+_PICKLE_MAX = 512 * 1024  # larger batches cross in shared memory (pack_batch)
 
 
 def pack_batch(batch: dict[str, Any], as_tensor: bool = False) -> dict[str, Any]:
     """A batch's tensors in one uint8 buffer (+ where each lies); other values as they are.
-    `as_tensor` (with pin_memory on CUDA): the buffer is a tensor, so it crosses in shared memory
-    and the pin-memory thread pins it (its views are then pinned too); else a numpy array."""
+
+    The buffer is a tensor (it crosses in shared memory: one file-descriptor handoff) when it is
+    large or `as_tensor` (pin_memory on CUDA: the pin-memory thread then pins it, and its views
+    with it); a smaller one is a numpy array, pickled through the worker's pipe. Measured on 2
+    cores: 1.4 MB batches load at 720 samples/s as a tensor, 450 as bytes; a 270 KB batch made
+    the training loop wait 0.064 of its step as a tensor, 0.036 as bytes."""
     parts, layout, rest, offset = [], [], {}, 0
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor):
@@ -105,7 +210,7 @@ def pack_batch(batch: dict[str, Any], as_tensor: bool = False) -> dict[str, Any]
         parts += [raw, np.zeros(pad, np.uint8)]
         offset += len(raw) + pad
     buffer = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    packed = torch.from_numpy(buffer) if as_tensor else buffer
+    packed = torch.from_numpy(buffer) if as_tensor or len(buffer) > _PICKLE_MAX else buffer
     return {"packed": packed, "layout": layout, "rest": rest, "order": list(batch)}
 
 

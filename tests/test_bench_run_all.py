@@ -1,0 +1,145 @@
+"""bench/run_all.py: figure parsing, the report (table, markers, plots) and a whole --quick run."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `bench` is a folder of scripts, not an installed package
+
+from bench import perf_report, run_all  # noqa: E402
+
+# Every figure issue 6 / BENCHMARKS.md asks run_all to print (precompute_s_<n> for 3 sizes).
+HEADLINE = [
+    "loader_vs_raw_read",
+    "data_wait_fraction",
+    "train_speedup_vs_online",
+    "train_peak_rss_ratio",
+    "cost_ratio_t5",
+    "cost_ratio_transformer",
+    "precompute_samples_per_s",
+    "precompute_overlap",
+    "vae_mini_batch_1_samples_per_s",
+    "vae_mini_batch_4_samples_per_s",
+    "bytes_per_sample",
+    "compression_ratio",
+    "caption_dedup_bytes_with",
+    "caption_dedup_bytes_without",
+    "open_s_1k",
+    "open_s_100k",
+    "rss_mb_1k",
+    "rss_mb_100k",
+    "precompute_linear_r2",
+    "threads",
+]
+
+
+def _lines(stdout: str) -> dict[str, str]:
+    return {
+        k: v
+        for k, _, v in (line.partition(": ") for line in stdout.splitlines())
+        if not k[:1] == "#"
+    }
+
+
+def test_parse_figures_takes_name_value_lines_only():
+    text = (
+        "threads: 2  workers: 2\nloader_vs_raw_read: 0.874  (spread 15%)\n[warn] x: y\nnot a line"
+    )
+    figures = run_all.parse_figures(text)
+    assert figures == {"threads": "2  workers: 2", "loader_vs_raw_read": "0.874  (spread 15%)"}
+    assert run_all.number(figures["loader_vs_raw_read"]) == 0.874
+    assert run_all.number("decode 0.2 s") is None and run_all.number(None) is None
+
+
+def test_headline_lists_every_figure_with_na_for_missing():
+    figures = {"loader_vs_raw_read": "0.9", "precompute_s_16": "2.0", "precompute_s_4": "0.7"}
+    lines = dict(run_all.headline(figures, threads=2))
+    assert lines["loader_vs_raw_read"] == "0.9" and lines["data_wait_fraction"] == "n/a"
+    assert lines["threads"] == "2"
+    names = [n for n, _ in run_all.headline(figures, threads=2)]
+    assert names.index("precompute_s_4") + 1 == names.index("precompute_s_16")  # by size
+    assert set(HEADLINE) <= set(names)
+
+
+def test_report_keeps_notes_outside_markers_and_checks_goals(tmp_path):
+    figures = {
+        "loader_vs_raw_read": "1.9",
+        "data_wait_fraction": "0.05",
+        "open_s_1k": "0.10",
+        "open_s_100k": "0.12",
+        "rss_mb_1k": "230",
+        "rss_mb_100k": "400",
+        "precompute_s_8": "1.0",
+        "precompute_s_16": "1.9",
+        "precompute_s_32": "3.8",
+        "precompute_linear_r2": "0.999",
+        "online_step_ms": "700",
+        "store_step_ms": "350",
+        "train_speedup_vs_online": "2.0",
+    }
+    lines = run_all.headline(figures, threads=2)
+    context = {
+        "command": "python bench/run_all.py --quick",
+        "mode": "quick",
+        "cores": 2,
+        "threads": 2,
+        "cuda": "none",
+        "load_avg_start": 1.0,
+        "load_avg_end": 1.5,
+        "total_s": 12.0,
+        "statuses": {"loader": "ok", "gpu": "skipped (no CUDA device)"},
+    }
+    doc = tmp_path / "performance.md"
+    doc.write_text(
+        f"# Perf\n\nintro\n\n{perf_report.BEGIN}\nold\n{perf_report.END}\n\n## Notes\nkept\n"
+    )
+    perf_report.write_report(tmp_path, figures, lines, context)
+    text = doc.read_text()
+    assert text.startswith("# Perf\n\nintro\n") and text.endswith("## Notes\nkept\n")
+    assert "old" not in text
+    rows = {
+        r.split("|")[1].strip(" `"): r.split("|")[4].strip()
+        for r in text.splitlines()
+        if r.startswith("| `")
+    }
+    assert rows["loader_vs_raw_read"] == "yes" and rows["data_wait_fraction"] == "**no**"
+    assert rows["open_s_100k"] == "yes" and rows["rss_mb_100k"] == "**no**"  # 400 > 1.5 x 230
+    assert rows["cost_ratio_t5"] == "not measured"
+    for png in ("perf_train_step.png", "perf_precompute_scale.png", "perf_open.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in text
+    assert not (tmp_path / "perf_loader.png").exists()  # its figures were not measured
+
+
+@pytest.mark.slow
+def test_quick_run_prints_every_figure_and_writes_the_report(tmp_path):
+    repo_doc = ROOT / "docs" / "performance.md"
+    before = repo_doc.stat().st_mtime_ns if repo_doc.exists() else None
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick"]
+        + ["--docs", str(tmp_path / "docs"), "--workdir", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = _lines(proc.stdout)
+    for name in HEADLINE:
+        assert name in figures, f"{name} missing from:\n{proc.stdout}"
+        assert math.isfinite(float(figures[name])), (name, figures[name])
+    sizes = [k for k in figures if k.startswith("precompute_s_")]
+    assert len(sizes) == 3, sizes
+    assert float(figures["threads"]) >= 1 and 0 < float(figures["data_wait_fraction"]) < 1
+    text = (tmp_path / "docs" / "performance.md").read_text()
+    assert "| `loader_vs_raw_read` |" in text and "python bench/run_all.py --quick" in text
+    assert (tmp_path / "docs" / "perf_train_step.png").stat().st_size > 1000
+    assert (tmp_path / "work" / "logs" / "loader.out").read_text().count("loader_vs_raw_read") == 1
+    after = repo_doc.stat().st_mtime_ns if repo_doc.exists() else None
+    assert before == after  # the repo's docs/ are left alone
