@@ -4,10 +4,11 @@
     python bench/loader.py --workdir W --workers 2 --repeats 3
 
 Figures (one `name: value` line each, BENCHMARKS.md):
-- `loader_vs_raw_read`: samples/s of `make_dataloader` (workers, batched reads, checksums) over one
-  epoch, divided by samples/s of one tight single-process loop that reads each sample's arrays with
+- `loader_vs_raw_read`: samples/s of `make_dataloader` (default reader threads, batched reads,
+  checksums) over one epoch, divided by samples/s of one tight single-process loop that reads each sample's arrays with
   zarr and turns the uint16 bits into bf16 tensors. Both read the same store, alternated `--repeats`
   times after a warm-up pass (page cache warm for both); medians are reported, with the spread.
+  `loader_samples_per_s_processes` is the same loader with worker processes, alternated with it.
 - `open_s_1k`, `open_s_100k`, `rss_mb_1k`, `rss_mb_100k`: seconds and the training process's RSS
   from `make_dataloader` (which opens the store) to the first batch, each in a fresh process after
   imports, on stores of 1,000 and 100,000 small samples written in bulk through the store module.
@@ -131,12 +132,16 @@ def raw_read(path: Path) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def loader_epochs(path: Path, workers: int, batch_size: int, epochs: int) -> list[float]:
+def loader_epochs(
+    path: Path, workers: int, batch_size: int, epochs: int, backend: str = "threads"
+) -> list[float]:
     """Samples/s of `make_dataloader` for each of `epochs` timed epochs after one warm-up epoch
     (worker start-up excluded: persistent workers live for the whole run)."""
     from cogfun.train.data import make_dataloader
 
-    loader, sampler = make_dataloader(path, batch_size, workers, seed=0, rank=0, world=1)
+    loader, sampler = make_dataloader(
+        path, batch_size, workers, seed=0, rank=0, world=1, backend=backend
+    )
     rates = []
     for epoch in range(epochs + 1):
         sampler.set_epoch(epoch)
@@ -256,15 +261,20 @@ def main() -> None:
     print(f"store_build_s_throughput: {build_s:.1f}  ({n_samples} samples, K={K}, reused if 0.0)")
 
     raw_read(store)  # warm the page cache for both sides
-    raw_rates, loader_rates = [], []
+    raw_rates, loader_rates, process_rates = [], [], []
     for _ in range(args.repeats):  # alternate: this machine's speed drifts over minutes
         n, seconds = raw_read(store)
         raw_rates.append(n / seconds)
         loader_rates += loader_epochs(store, args.workers, args.batch_size, epochs=1)
+        process_rates += loader_epochs(
+            store, args.workers, args.batch_size, epochs=1, backend="processes"
+        )
     raw, raw_spread = _median_spread(raw_rates)
     loader, loader_spread = _median_spread(loader_rates)
+    procs, procs_spread = _median_spread(process_rates)
     print(f"raw_read_samples_per_s: {raw:.1f}  (spread {raw_spread:.0%})")
     print(f"loader_samples_per_s: {loader:.1f}  (spread {loader_spread:.0%})")
+    print(f"loader_samples_per_s_processes: {procs:.1f}  (spread {procs_spread:.0%})")
     for w in sorted({0, 1, 2, 4} - {args.workers}):
         rate = statistics.median(loader_epochs(store, w, args.batch_size, epochs=2))
         print(f"loader_samples_per_s_workers{w}: {rate:.1f}")

@@ -12,7 +12,9 @@ gradient checkpointing, AdamW, clipping at 0.05) and the same thread count:
   caption, then runs the transformer step; VAE and T5 in bf16 as the original runs them.
 - store (cogfun): the same transformer step fed by `cogfun.train.data.make_dataloader` over a store
   that `cogfun precompute` wrote from the same clips (then replicated to `--epoch-samples` samples
-  through the store API, so epochs are not artificially short), with the default worker count.
+  through the store API, so epochs are not artificially short), with the default worker count
+  and backend (reader threads); a third subprocess runs the same with worker processes
+  (`--dataloader-backend processes`), for the `*_processes` figures.
 
 The clips are generated (`--source-size`, default 1.25x the bucket edge, simple moving shapes), so
 decoding them is cheaper than decoding real 720p footage: the online way's decode share here is
@@ -33,7 +35,11 @@ line each (BENCHMARKS.md):
   every 0.5 s; `train_peak_rss_ratio` is store ÷ online; `store_workers_peak_mb` is the workers'
   part; `*_maxrss_mb` is the training process's own peak RSS (VmHWM);
 - `data_wait_fraction`: in a separate run of the tiny model on its store with the default workers,
-  time spent waiting for the next batch ÷ step time, after a warm-up that drains the prefetch.
+  time spent waiting for the next batch ÷ step time, after a warm-up that drains the prefetch;
+  torch on cores - 1 threads (the loader keeps a core, as beside a GPU); the median of
+  `--wait-rounds` fresh runs, alternated with the same on worker processes
+  (`data_wait_fraction_processes`) and with torch on every core (`data_wait_fraction_all_cores`);
+- `*_processes`: the store way's figures with worker processes instead of reader threads.
 
 The set-up lives in `bench/train_setup.py`, the two ways' training loops in `bench/train_ways.py`.
 """
@@ -87,14 +93,22 @@ def pss_mb(pid: int) -> tuple[float, float]:
 class Child:
     """A training subprocess of one way; its tree's peak PSS is sampled in a thread."""
 
-    def __init__(self, way: str, setup: Setup, args: argparse.Namespace, log: Path):
+    def __init__(
+        self,
+        way: str,
+        setup: Setup,
+        args: argparse.Namespace,
+        log: Path,
+        backend: str = "threads",
+        threads: int | None = None,
+    ):
         payload = {
             k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(setup).items()
         }
         command = [
             sys.executable, str(Path(__file__).resolve()), "--child", way,
-            "--setup", json.dumps(payload), "--threads", str(args.threads),
-            "--workers", str(args.workers), "--seed", str(args.seed),
+            "--setup", json.dumps(payload), "--threads", str(threads or args.threads),
+            "--workers", str(args.workers), "--seed", str(args.seed), "--backend", backend,
         ]  # fmt: skip
         self.log = log
         self.proc = subprocess.Popen(
@@ -146,16 +160,18 @@ def _median_line(prefix: str, values: list[float], scale: float = 1.0) -> dict[s
 
 
 def compare(setup: Setup, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
-    """Alternate online and store rounds; step times, time shares and peak memory."""
+    """Alternate online and store rounds (and the store read by worker processes instead of
+    threads); step times, time shares and peak memory."""
     online = Child("online", setup, args, workdir / "online.log")
     store = Child("store", setup, args, workdir / "store.log")
-    children = {"online": online, "store": store}
+    procs = Child("store", setup, args, workdir / "store_processes.log", backend="processes")
+    children = {"online": online, "store": store, "processes": procs}
     for child in children.values():
         child.run(args.warmup)
-    rows: dict[str, list[dict]] = {"online": [], "store": []}
+    rows: dict[str, list[dict]] = {way: [] for way in children}
     ratios = []
     for r in range(args.rounds):
-        order = ["online", "store"] if r % 2 == 0 else ["store", "online"]
+        order = list(children) if r % 2 == 0 else list(reversed(children))
         got = {way: children[way].run(args.steps) for way in order}
         for way, steps in got.items():
             rows[way].extend(steps)
@@ -166,6 +182,7 @@ def compare(setup: Setup, args: argparse.Namespace, workdir: Path) -> dict[str, 
     ends = {way: child.quit() for way, child in children.items()}
     on = [s["step"] for s in rows["online"]]
     st = [s["step"] for s in rows["store"]]
+    pr = [s["step"] for s in rows["processes"]]
     total = sum(on)
     decode, vae, t5 = (sum(s[k] for s in rows["online"]) / total for k in ("decode", "vae", "t5"))
     return {
@@ -186,19 +203,45 @@ def compare(setup: Setup, args: argparse.Namespace, workdir: Path) -> dict[str, 
         "store_workers_peak_mb": store.peak_workers_mb,
         "online_maxrss_mb": ends["online"]["maxrss_mb"],
         "store_maxrss_mb": ends["store"]["maxrss_mb"],
+        **_median_line("store_processes_step_ms", pr, 1e3),
+        "store_processes_peak_mb": procs.peak_mb,
+        "store_processes_workers_peak_mb": procs.peak_workers_mb,
+        "train_peak_rss_ratio_processes": procs.peak_mb / online.peak_mb,
+        "train_speedup_vs_online_processes": statistics.median(on) / statistics.median(pr),
     }
 
 
 def data_wait(setup: Setup, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
-    """Continuous store steps of the tiny model: waiting time ÷ step time after a warm-up."""
-    child = Child("store", setup, args, workdir / "wait.log")
-    child.run(args.wait_warmup)  # drains the batches prefetched while the workers started
-    rows = child.run(args.wait_steps)
-    child.quit()
-    return {
-        "data_wait_fraction": sum(s["wait"] for s in rows) / sum(s["step"] for s in rows),
-        "data_wait_step_ms": statistics.median(s["step"] for s in rows) * 1e3,
+    """Continuous store steps of the tiny model: waiting time ÷ step time after a warm-up; the
+    median of `--wait-rounds` fresh runs of each configuration, alternated:
+
+    - reader threads (the default backend), torch on `--wait-threads` threads (cores - 1: the
+      loader has a core, as on a GPU machine, where the CPU only feeds the accelerator);
+    - worker processes, the same threads (`_processes`);
+    - reader threads with torch on every core (`_all_cores`): every read then takes its core
+      time from the step itself, so this measures how scarce the CPU is, not the loader."""
+    configs = {
+        "": ("threads", args.wait_threads),
+        "_processes": ("processes", args.wait_threads),
+        "_all_cores": ("threads", args.threads),
     }
+    rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+    for r in range(args.wait_rounds):
+        for name in configs if r % 2 == 0 else reversed(configs):
+            backend, threads = configs[name]
+            log = workdir / f"wait{name or '_threads'}.log"
+            child = Child("store", setup, args, log, backend=backend, threads=threads)
+            child.run(args.wait_warmup)  # drains the batches prefetched while workers started
+            rows = child.run(args.wait_steps)
+            child.quit()
+            steps = [s["step"] for s in rows]
+            wait = sum(s["wait"] for s in rows) / sum(steps)
+            rounds[name].append((wait, statistics.median(steps)))
+    out: dict[str, float] = {"data_wait_threads": args.wait_threads}
+    for name, got in rounds.items():
+        out[f"data_wait_fraction{name}"] = statistics.median(w for w, _ in got)
+        out[f"data_wait_step_ms{name}"] = statistics.median(m for _, m in got) * 1e3
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -225,10 +268,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--wait-warmup", type=int, help="default: prefetched batches + 4")
     p.add_argument("--wait-steps", type=int, default=30)
+    p.add_argument("--wait-rounds", type=int, default=3, help="data-wait runs per configuration")
+    p.add_argument(
+        "--wait-threads",
+        type=int,
+        default=max(1, len(os.sched_getaffinity(0)) - 1),
+        help="torch threads of the data-wait runs (default: cores - 1, a core for the loader)",
+    )
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--workers", type=int, default=default_workers, help="store loader workers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=("online", "store"), help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="threads", help=argparse.SUPPRESS)
     p.add_argument("--setup", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.wait_warmup is None:

@@ -3,8 +3,9 @@
 - online (the original, REFERENCE.md §0): every step decodes a clip with decord, resizes and crops
   it, draws a mask, VAE-encodes the video and the masked video (posterior samples), T5-encodes the
   caption (VAE and T5 in bf16, as the original), then runs the transformer step;
-- store (cogfun): `make_dataloader` over the store with workers, `prepare_batch` in the training
-  process, then the same transformer step.
+- store (cogfun): `make_dataloader` over the store with workers (reader threads, or worker
+  processes with `--backend processes`), `prepare_batch` in the training process, then the same
+  transformer step.
 
 The subprocess is driven over stdin (`run K`: K steps, `quit`) and answers one JSON line per
 command on stdout: per-step seconds and the time spent in each data phase, then its peak RSS.
@@ -109,13 +110,19 @@ class OnlineBatches:
 class StoreBatches:
     """cogfun's data path: the store DataLoader with workers, prepare_batch in the training process."""
 
-    def __init__(self, setup: Setup, seed: int, workers: int):
+    def __init__(self, setup: Setup, seed: int, workers: int, backend: str):
         from cogfun.common.store import open_store
         from cogfun.train.data import make_dataloader
         from cogfun.train.loop import CaptionEmbeddings
 
         self.loader, self.sampler = make_dataloader(
-            setup.store, batch_size=1, num_workers=workers, seed=seed, rank=0, world=1
+            setup.store,
+            batch_size=1,
+            num_workers=workers,
+            seed=seed,
+            rank=0,
+            world=1,
+            backend=backend,
         )
         reader = open_store(setup.store)
         self.captions = CaptionEmbeddings(reader, torch.device("cpu"))
@@ -158,7 +165,7 @@ def child_main(args: argparse.Namespace) -> int:
     if args.child == "online":
         source = OnlineBatches(setup, args.seed)
     else:
-        source = StoreBatches(setup, args.seed, args.workers)
+        source = StoreBatches(setup, args.seed, args.workers, args.backend)
     model = load_transformer(setup.model)
     model.train()
     model.enable_gradient_checkpointing()

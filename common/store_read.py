@@ -4,11 +4,15 @@ Private helper of `cogfun.common.store`. Opening reads the root attributes, each
 attributes and its one-chunk done index, nothing per sample, so it takes as long for 100k samples
 as for 1k. Every read verifies the sample's checksum unless told not to: zarr returns the fill value
 for a missing chunk, so only content checks catch a deleted or truncated chunk file.
+
+A `StoreReader` may be shared by threads (the training loader's reader threads share one): its
+lazily filled caches are filled under a lock, and reads themselves keep no state.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +90,9 @@ class StoreReader:
         self._rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._shared: dict[str, np.ndarray] = {}
         self._done: dict[str, np.ndarray] = {}
+        # Fills of the caches above; a cache entry is published only once complete, so readers
+        # that find it never take the lock.
+        self._fill = threading.RLock()
         self.buckets: dict[str, BucketInfo] = {
             name: self._open_bucket(name) for name in root["buckets"]
         }
@@ -160,7 +167,7 @@ class StoreReader:
             info = self._info(bucket)
             mask = np.zeros(info.planned, dtype=bool)
             mask[info.slots] = True
-            self._done[bucket] = mask
+            self._done[bucket] = mask  # one assignment of a finished value: no lock needed
         return self._done[bucket]
 
     def _info(self, bucket: str) -> BucketInfo:
@@ -172,39 +179,57 @@ class StoreReader:
 
     def _bucket_arrays(self, bucket: str, info: BucketInfo | None = None) -> dict[str, zarr.Array]:
         if bucket not in self._arrays:
-            info = info or self._info(bucket)
-            group_dir = self.path / "buckets" / bucket
-            group = open_group(self._root, f"buckets/{bucket}", group_dir)
-            specs = sample_specs(info.planned, info, self.layout) + plan_specs(info.planned)
-            specs += shared_specs(info, self.layout)
-            self._arrays[bucket] = {s.name: open_array(group, group_dir, s) for s in specs}
-            self._files[bucket] = {
-                s.name: open_chunk_files(group_dir, s)
-                for s in sample_specs(info.planned, info, self.layout)
-            }
+            with self._fill:
+                if bucket not in self._arrays:
+                    self._open_arrays(bucket, info or self._info(bucket))
         return self._arrays[bucket]
+
+    def _open_arrays(self, bucket: str, info: BucketInfo) -> None:
+        group_dir = self.path / "buckets" / bucket
+        group = open_group(self._root, f"buckets/{bucket}", group_dir)
+        specs = sample_specs(info.planned, info, self.layout) + plan_specs(info.planned)
+        specs += shared_specs(info, self.layout)
+        self._files[bucket] = {
+            s.name: open_chunk_files(group_dir, s)
+            for s in sample_specs(info.planned, info, self.layout)
+        }
+        # Last: a thread that finds the arrays finds the files too.
+        self._arrays[bucket] = {s.name: open_array(group, group_dir, s) for s in specs}
 
     def _caption_arrays(self) -> dict[str, zarr.Array]:
         if "\0captions" not in self._arrays:
-            m = int(self.root_attrs["captions"])
-            group = open_group(self._root, "captions", self.path / "captions")
-            specs = caption_specs(m, self.layout)
-            self._arrays["\0captions"] = {
-                s.name: open_array(group, self.path / "captions", s) for s in specs
-            }
+            with self._fill:
+                if "\0captions" not in self._arrays:
+                    m = int(self.root_attrs["captions"])
+                    folder = self.path / "captions"
+                    group = open_group(self._root, "captions", folder)
+                    specs = caption_specs(m, self.layout)
+                    self._files["\0captions"] = {
+                        s.name: open_chunk_files(folder, s)
+                        for s in specs
+                        if s.name in ("embeddings", "checksum")
+                    }
+                    self._arrays["\0captions"] = {
+                        s.name: open_array(group, folder, s) for s in specs
+                    }
         return self._arrays["\0captions"]
 
     def _plan_rows(self, bucket: str) -> tuple[np.ndarray, np.ndarray]:
         """(caption index (N,), provenance hash (N,)) of a bucket, loaded once (16 bytes a row)."""
         if bucket not in self._rows:
             arrays = self._bucket_arrays(bucket)
-            try:
-                rows = (np.asarray(arrays["caption"][:]), np.asarray(arrays["provenance_hash"][:]))
-            except Exception as exc:
-                raise StoreError(
-                    f"{self.path / 'buckets' / bucket}: plan rows unreadable: {exc}"
-                ) from exc
-            self._rows[bucket] = rows
+            with self._fill:
+                if bucket not in self._rows:
+                    try:
+                        rows = (
+                            np.asarray(arrays["caption"][:]),
+                            np.asarray(arrays["provenance_hash"][:]),
+                        )
+                    except Exception as exc:
+                        raise StoreError(
+                            f"{self.path / 'buckets' / bucket}: plan rows unreadable: {exc}"
+                        ) from exc
+                    self._rows[bucket] = rows
         return self._rows[bucket]
 
     def _shared_latents(self, bucket: str, slot: int) -> np.ndarray:
@@ -318,9 +343,11 @@ class StoreReader:
             raise StoreError(
                 f"{self.path}: caption index {i} is outside 0..{arrays['embeddings'].shape[0] - 1}"
             )
+        files = self._files["\0captions"]
+        rows = np.asarray([i])
         try:
-            bits = np.asarray(arrays["embeddings"][i])
-            stored = int(arrays["checksum"][i])
+            bits = _take(arrays["embeddings"], files["embeddings"], rows)[0]
+            stored = int(_take(arrays["checksum"], files["checksum"], rows)[0])
         except Exception as exc:
             raise DamagedSample(
                 "captions", i, f"a caption chunk file is unreadable: {exc}"

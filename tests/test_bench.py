@@ -129,7 +129,10 @@ TRAIN_FIGURES = [
     "online_share_decode",
     "online_share_vae", "online_share_t5", "online_share_transformer", "online_peak_mb",
     "store_peak_mb", "train_peak_rss_ratio", "online_maxrss_mb", "store_maxrss_mb",
-    "data_wait_fraction",
+    "data_wait_fraction", "data_wait_fraction_processes", "data_wait_fraction_all_cores",
+    "data_wait_threads", "store_processes_step_ms",
+    "store_processes_peak_mb", "train_peak_rss_ratio_processes",
+    "train_speedup_vs_online_processes",
 ]  # fmt: skip
 
 
@@ -138,8 +141,8 @@ def test_train_bench_reduced_prints_every_figure(tmp_path):
     fig = _run(
         "train.py", "--tiny", "--workdir", str(tmp_path), "--size", "32", "--frames", "9",
         "--clips", "2", "--epoch-samples", "8", "--rounds", "2", "--steps", "1", "--warmup", "1",
-        "--wait-size", "32", "--wait-warmup", "2", "--wait-steps", "3", "--workers", "2",
-        "--threads", "1", timeout=600,
+        "--wait-size", "32", "--wait-warmup", "2", "--wait-steps", "3", "--wait-rounds", "1",
+        "--workers", "2", "--threads", "1", timeout=600,
     )  # fmt: skip
     missing = [name for name in TRAIN_FIGURES if name not in fig]
     assert not missing, f"figures not printed: {missing}"
@@ -156,7 +159,11 @@ def test_train_bench_reduced_prints_every_figure(tmp_path):
     assert value["online_peak_mb"] > 50 and value["store_peak_mb"] > 50
     ratio = value["store_peak_mb"] / value["online_peak_mb"]
     assert value["train_peak_rss_ratio"] == pytest.approx(ratio, rel=1e-3)
-    assert 0 <= value["data_wait_fraction"] < 1
+    assert 0 <= value["data_wait_fraction"] < 1 and 0 <= value["data_wait_fraction_processes"] < 1
+    # Worker processes are counted in their way's memory: the threads way has none.
+    assert float(fig["store_workers_peak_mb"]) == 0 < float(fig["store_processes_workers_peak_mb"])
+    ratio = value["store_processes_peak_mb"] / value["online_peak_mb"]
+    assert value["train_peak_rss_ratio_processes"] == pytest.approx(ratio, rel=1e-3)
     # The replicated store the store way trained on holds --epoch-samples samples.
     from cogfun.common.store import open_store
 

@@ -187,8 +187,9 @@ def small_store(tmp_path_factory):
         create=True,
     )
     gen = torch.Generator().manual_seed(0)
-    for i in range(len(plan.captions)):
-        w.write_caption(i, torch.randn(6, 8, generator=gen).bfloat16())
+    embeds = [torch.randn(6, 8, generator=gen).bfloat16() for _ in plan.captions]
+    for i, embed in enumerate(embeds):
+        w.write_caption(i, embed)
     expected = {}
     for b in plan.buckets:
         n, lat = len(b.rows), (b.latent_frames, 2 * C, b.latent_h, b.latent_w)
@@ -210,6 +211,7 @@ def small_store(tmp_path_factory):
                 "masked_latents": variants,  # the reader substitutes the bucket's shared latent
                 "all_masked": flags[s],
                 "caption": b.rows[s].caption,
+                "caption_embed": embeds[b.rows[s].caption],
             }
     w.finalize()
     return path, expected
@@ -228,13 +230,18 @@ def _check_batch(batch, expected):
         for key in ("latents", "masks", "masked_latents", "all_masked"):
             assert torch.equal(batch[key][i], want[key]), (bucket, s, key)  # bit-exact
         assert int(batch["caption"][i]) == want["caption"]
+        assert torch.equal(batch["caption_embeds"][i], want["caption_embed"])  # read by the loader
+    assert batch["caption_embeds"].shape == (len(slots), 6, 8)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_dataloader_returns_every_sample_bit_exact(small_store, num_workers):
+BACKEND_WORKERS = [("threads", 0), ("threads", 2), ("processes", 0), ("processes", 2)]
+
+
+@pytest.mark.parametrize(("backend", "num_workers"), BACKEND_WORKERS)
+def test_dataloader_returns_every_sample_bit_exact(small_store, backend, num_workers):
     path, expected = small_store
     loader, sampler = make_dataloader(
-        path, batch_size=3, num_workers=num_workers, seed=5, rank=0, world=1
+        path, batch_size=3, num_workers=num_workers, seed=5, rank=0, world=1, backend=backend
     )
     assert len(loader) == len(sampler) == 3 + 2  # ceil(7/3) + ceil(4/3)
     seen = []
@@ -287,12 +294,12 @@ def _damage(store_path, bucket, slot, tmp_path):
     return copy
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_damaged_sample_stops_with_its_name(small_store, tmp_path, num_workers):
+@pytest.mark.parametrize(("backend", "num_workers"), BACKEND_WORKERS)
+def test_damaged_sample_stops_with_its_name(small_store, tmp_path, backend, num_workers):
     path, _ = small_store
     damaged = _damage(path, "f5_h16_w16", 4, tmp_path)
     loader, _ = make_dataloader(
-        damaged, batch_size=7, num_workers=num_workers, seed=0, rank=0, world=1
+        damaged, batch_size=7, num_workers=num_workers, seed=0, rank=0, world=1, backend=backend
     )
     # In a worker, torch re-raises the worker's exception as a RuntimeError carrying its message.
     with pytest.raises(Exception, match=r"damaged sample f5_h16_w16/4\b"):
@@ -319,8 +326,8 @@ def test_skip_damaged_drops_only_that_sample(small_store, tmp_path, caplog):
     assert empty["slots"] == [] and empty["latents"].shape == (0, 5, 2 * C, 16, 16)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_leaves_the_global_rng_alone(small_store, num_workers):
+@pytest.mark.parametrize(("backend", "num_workers"), BACKEND_WORKERS)
+def test_loader_leaves_the_global_rng_alone(small_store, backend, num_workers):
     import torch
 
     path, _ = small_store
@@ -328,7 +335,7 @@ def test_loader_leaves_the_global_rng_alone(small_store, num_workers):
     expected = torch.rand(3)
     torch.manual_seed(123)
     loader, _ = make_dataloader(
-        path, batch_size=2, num_workers=num_workers, seed=0, rank=0, world=1
+        path, batch_size=2, num_workers=num_workers, seed=0, rank=0, world=1, backend=backend
     )
     assert sum(len(b["slots"]) for b in loader) == 11
     assert torch.equal(torch.rand(3), expected)

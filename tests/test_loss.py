@@ -275,6 +275,22 @@ def test_prepare_batch_inpaint():
     for key in ("latents", "inpaint_latents", "prompt_embeds", "variant", "t2v_flag", "caption"):
         assert torch.equal(again[key], out[key]), key
 
+    # Captions read by the loader (`caption_embeds`): the same batch, and only the empty caption
+    # is looked up (the loader already read the others).
+    asked = []
+
+    def empty_only(idx):
+        asked.append(idx.tolist())
+        return table[idx]
+
+    loaded = {**raw, "caption_embeds": table[raw["caption"]]}
+    read = prepare_batch(loaded, empty_only, "inpaint", SCALING, torch.Generator().manual_seed(1))
+    for key in ("latents", "inpaint_latents", "prompt_embeds", "variant", "t2v_flag", "caption"):
+        assert torch.equal(read[key], out[key]), key
+    assert asked == [[0]]
+    dropped = (out["caption"] == 0) & (raw["caption"] != 0)
+    assert dropped.any() and torch.equal(read["prompt_embeds"][dropped][0], table[0])
+
 
 def test_prepare_batch_normal_and_sample_format():
     raw = _raw_batch(torch.Generator().manual_seed(0))

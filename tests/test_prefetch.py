@@ -1,4 +1,5 @@
-"""The training loader's endless stream (prefetch across epochs) and one-buffer batch handoff."""
+"""The training loaders' endless stream (prefetch across epochs), for both backends (reader threads,
+worker processes), and the worker processes' one-buffer batch handoff."""
 
 from __future__ import annotations
 
@@ -56,9 +57,12 @@ def test_pack_round_trip_keeps_bytes_dtypes_order_and_shares_one_buffer():
         assert out["caption"].untyped_storage().data_ptr() == base  # views of one buffer
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_each_pass_is_one_epoch_of_the_sampler(store, workers):
-    loader, sampler = make_dataloader(store, 3, workers, seed=7, rank=0, world=1)
+BACKEND_WORKERS = [("threads", 0), ("threads", 2), ("processes", 0), ("processes", 2)]
+
+
+@pytest.mark.parametrize(("backend", "workers"), BACKEND_WORKERS)
+def test_each_pass_is_one_epoch_of_the_sampler(store, backend, workers):
+    loader, sampler = make_dataloader(store, 3, workers, seed=7, rank=0, world=1, backend=backend)
     for epoch in range(3):
         sampler.set_epoch(epoch)
         batches = list(loader)
@@ -68,8 +72,9 @@ def test_each_pass_is_one_epoch_of_the_sampler(store, workers):
             assert torch.equal(b["latents"].float()[:, 0, 0, 0, 0], want)  # the right samples
 
 
-def test_stream_continues_across_epochs_and_restarts_elsewhere(store):
-    loader, sampler = make_dataloader(store, 2, 2, seed=3, rank=0, world=1)
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_stream_continues_across_epochs_and_restarts_elsewhere(store, backend):
+    loader, sampler = make_dataloader(store, 2, 2, seed=3, rank=0, world=1, backend=backend)
     sampler.set_epoch(0)
     list(loader)
     assert loader._stream.start == (0, 0)  # where the stream was (re)started
@@ -86,13 +91,13 @@ def test_stream_continues_across_epochs_and_restarts_elsewhere(store):
     assert len(loader) == len(sampler) == 6
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(("backend", "workers"), BACKEND_WORKERS)
 def test_a_failed_read_ends_the_stream_and_a_new_pass_starts_afresh(
-    store, workers, tmp_path, monkeypatch
+    store, backend, workers, tmp_path, monkeypatch
 ):
     from cogfun.train import data
 
-    loader, sampler = make_dataloader(store, 4, workers, seed=0, rank=0, world=1)
+    loader, sampler = make_dataloader(store, 4, workers, seed=0, rank=0, world=1, backend=backend)
     bad = sampler.epoch_batches(0)[1]
     marker = tmp_path / "failed_once"  # a file: workers are other processes
     real = data.StoreBatchDataset.__getitem__
@@ -107,20 +112,25 @@ def test_a_failed_read_ends_the_stream_and_a_new_pass_starts_afresh(
     sampler.set_epoch(0)
     with pytest.raises(OSError, match="disk hiccup"):
         list(loader)
-    assert loader._live[0] is None
+    if backend == "processes":
+        assert loader._live[0] is None
+    else:
+        assert loader._source is None and not loader._pending
     sampler.set_epoch(0)
     assert _keys(loader) == sampler.epoch_batches(0)
 
 
-def test_a_process_exits_cleanly_with_its_receiver_thread_running(store):
-    """The receiver thread is stopped and joined at exit: no abort inside torch at shutdown
-    (without that, a process whose loader was just dropped aborted in about 1 run of 3)."""
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_process_exits_cleanly_with_its_loader_threads_running(store, backend):
+    """The loader's threads are stopped at exit: no abort inside torch at shutdown (without
+    that, a process whose worker-process loader was just dropped aborted in about 1 run of 3)."""
     import subprocess
     import sys
 
     code = (
         "from cogfun.train.data import make_dataloader\n"
-        f"loader, sampler = make_dataloader({str(store)!r}, 2, 2, seed=0, rank=0, world=1)\n"
+        f"loader, sampler = make_dataloader({str(store)!r}, 2, 2, seed=0, rank=0, world=1, "
+        f"backend={backend!r})\n"
         "batch = next(iter(loader))\n"
         "print('got', batch['bucket'])\n"
         "del loader, sampler, batch\n"  # its thread now stops and shuts the workers down
@@ -131,3 +141,53 @@ def test_a_process_exits_cleanly_with_its_receiver_thread_running(store):
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.startswith("got f") and "terminate called" not in proc.stderr
+
+
+def test_reader_threads_read_ahead_in_order_and_at_most_ahead(store, monkeypatch):
+    """Reads run on the loader's threads, never more than `ahead` batches past the consumer,
+    and come out in the sampler's order whatever order the threads finish in."""
+    import threading
+    import time
+
+    from cogfun.train import data
+
+    loader, sampler = make_dataloader(store, 1, 3, seed=2, rank=0, world=1, prefetch_factor=2)
+    assert loader.ahead == 6
+    real = data.StoreBatchDataset.__getitem__
+    started, threads = [], set()
+
+    def slow_first(self, batch):
+        started.append(batch)
+        threads.add(threading.current_thread().name)
+        if len(started) == 1:
+            time.sleep(0.2)  # the first batch finishes last
+        return real(self, batch)
+
+    monkeypatch.setattr(data.StoreBatchDataset, "__getitem__", slow_first)
+    sampler.set_epoch(0)
+    it = iter(loader)
+    first = next(it)
+    time.sleep(0.2)  # let the threads run as far ahead as they may
+    assert len(started) == 1 + loader.ahead  # the one taken, and `ahead` after it
+    rest = list(it)
+    assert _keys([first, *rest]) == sampler.epoch_batches(0)  # the sampler's order
+    assert threads and all(name.startswith("cogfun-read") for name in threads)
+
+
+def test_reader_threads_pin_every_tensor_when_asked(monkeypatch):
+    """On CUDA each batch is pinned in the reader thread (so `.to(device, non_blocking=True)` is
+    asynchronous); the pinning itself is faked here, this machine has no CUDA."""
+    from cogfun.train import threaded
+
+    pinned = []
+
+    def fake_pin(self):
+        pinned.append(tuple(self.shape))
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = {"latents": torch.zeros(2, 3), "caption": torch.tensor([1, 0]), "bucket": "b"}
+    out = threaded._read({("b", (0,)): batch}, True, ("b", (0,)))
+    assert sorted(pinned) == [(2,), (2, 3)] and out["bucket"] == "b"
+    assert torch.equal(out["latents"], batch["latents"]) and out["latents"] is not batch["latents"]
+    assert threaded._read({("b", (0,)): batch}, False, ("b", (0,))) is batch

@@ -39,7 +39,16 @@ class TrainConfig:
     )
     train_batch_size: int = option(4, "Samples per process per micro-step (all from one bucket).")
     gradient_accumulation_steps: int = option(1, "Micro-steps per optimizer step.")
-    dataloader_num_workers: int = option(8, "Data-loading worker processes.")
+    dataloader_num_workers: int = option(
+        8, "Store-reading workers (see --dataloader-backend); 0 reads in the training loop."
+    )
+    dataloader_backend: str = option(
+        "threads",
+        "threads: workers are threads of the training process sharing one open store (reads, "
+        "decompression and checksums release the GIL; no copies, no extra processes); "
+        "processes: DataLoader worker processes.",
+        choices=("threads", "processes"),
+    )
     num_train_epochs: int = option(100, "Epochs to train when --max-train-steps is not given.")
     max_train_steps: int | None = option(
         None, "Total optimizer steps (overrides --num-train-epochs)."

@@ -16,10 +16,13 @@ Prefetching runs the sampler ahead of the training step, so the sampler cannot k
 were *consumed*; the training loop counts them and resumes with ``set_position(epoch, batches_done)``
 (or ``load_state_dict(state_dict(batches_done))``).
 
-Workers open the store lazily, once per process: an open ``StoreReader`` is never pickled or forked
-into a worker (zarr resets its IO loop after a fork, and the dataset drops a reader opened by another
-process). Batches come out as one ``read_batch`` per bucket batch, bf16 tensors plus ``caption``
-indices, ``bucket`` and ``slots``.
+Two loaders read the same batches in the same order (``make_dataloader(backend=...)``): reader
+threads of the training process sharing one ``StoreReader`` (the default, `cogfun.train.threaded`),
+or DataLoader worker processes (`cogfun.train.prefetch`). Workers open the store lazily, once per
+process: an open ``StoreReader`` is never pickled or forked into a worker (zarr resets its IO loop
+after a fork, and the dataset drops a reader opened by another process). Batches come out as one
+``read_batch`` per bucket batch, bf16 tensors plus ``caption`` indices, the captions' T5 embeddings
+(``caption_embeds``, so the training step reads nothing), ``bucket`` and ``slots``.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 from cogfun.train.prefetch import EpochLoader
+from cogfun.train.threaded import ThreadLoader
 from torch.utils.data import Dataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[str, list[int]]  # (bucket name, slots in that bucket)
+BACKENDS = ("threads", "processes")  # how the loader's workers run (make_dataloader)
 
 
 class BucketBatchSampler:
@@ -191,6 +196,10 @@ class StoreBatchDataset(Dataset):
         state["_reader_pid"] = None
         return state
 
+    def use_reader(self, reader: Any) -> None:
+        """Read through `reader` (already open in this process) instead of opening one."""
+        self._reader, self._reader_pid = reader, os.getpid()
+
     def reader(self) -> Any:
         """This process's StoreReader (reopened after a fork: handles are per process)."""
         if self._reader is None or self._reader_pid != os.getpid():
@@ -214,9 +223,20 @@ class StoreBatchDataset(Dataset):
                     raise
                 log.warning("skipping %s", exc)
                 slots = [s for s in slots if s != exc.slot]
+        out["caption_embeds"] = self._caption_embeds(reader, out)
         out["bucket"] = bucket
         out["slots"] = slots
         return out
+
+    @staticmethod
+    def _caption_embeds(reader: Any, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's caption embeddings (B, L, D) bf16, each distinct caption read once."""
+        captions = batch["caption"].tolist()
+        if not captions:
+            length, dim = reader.layout.text_len, reader.layout.text_dim
+            return torch.zeros(0, length, dim, dtype=torch.bfloat16)
+        read = {i: reader.caption_embedding(i) for i in dict.fromkeys(captions)}
+        return torch.stack([read[i] for i in captions])
 
 
 def make_dataloader(
@@ -227,38 +247,52 @@ def make_dataloader(
     rank: int,
     world: int,
     skip_damaged: bool = False,
-    prefetch_factor: int = 4,
-) -> tuple[EpochLoader, BucketBatchSampler]:
-    """A DataLoader yielding one store batch per item, and its sampler (for set_epoch/set_position).
+    prefetch_factor: int | None = None,
+    backend: str = "threads",
+) -> tuple[ThreadLoader | EpochLoader, BucketBatchSampler]:
+    """A loader yielding one store batch per item, and its sampler (for set_epoch/set_position).
 
-    ``batch_size=None`` in the DataLoader: the sampler yields whole batches and the dataset reads
-    each in one call, so there is no per-sample fetch and no collation. Each pass over the loader
-    is one epoch of the sampler; the workers prefetch across epoch boundaries (`EpochLoader`).
+    Each pass over the loader is one epoch of the sampler, prefetched across epoch boundaries.
+    ``backend`` "threads": ``num_workers`` reader threads in this process share one open store,
+    ``prefetch_factor`` (default 2) batches per thread ahead; "processes": a DataLoader with
+    ``num_workers`` worker processes, ``prefetch_factor`` (default 4) batches each ahead
+    (``batch_size=None``: the sampler yields whole batches and the dataset reads each in one
+    call, so there is no per-sample fetch and no collation). ``num_workers`` 0 reads in the
+    caller's thread either way. A threads batch is ready once read, so fewer need to wait ahead
+    (a real 2b-InP batch of 4 with 4 mask variants is ~100 MB).
     """
     from cogfun.common.store import open_store
 
-    # Only the done-slot lists are taken from this reader; workers open their own.
-    buckets = open_store(store_path).buckets
+    if backend not in BACKENDS:
+        raise ValueError(f"make_dataloader: backend {backend!r} is not one of {BACKENDS}")
+    reader = open_store(store_path)
     sampler = BucketBatchSampler(
-        {name: info.slots for name, info in buckets.items()},
+        {name: info.slots for name, info in reader.buckets.items()},
         batch_size=batch_size,
         seed=seed,
         num_replicas=world,
         rank=rank,
     )
+    dataset = StoreBatchDataset(store_path, skip_damaged=skip_damaged)
+    pin = torch.cuda.is_available()
+    if backend == "threads":
+        dataset.use_reader(reader)
+        ahead = (prefetch_factor or 2) * num_workers
+        return ThreadLoader(dataset, sampler, num_workers, ahead, pin), sampler
+    # Only the done-slot lists are taken from this reader; workers open their own.
     workers = {}
     if num_workers > 0:
         workers = {
             "persistent_workers": True,
-            "prefetch_factor": prefetch_factor,
+            "prefetch_factor": prefetch_factor or 4,
             "worker_init_fn": _worker_init,
         }
     loader = EpochLoader(
-        StoreBatchDataset(store_path, skip_damaged=skip_damaged),
+        dataset,
         sampler,
         ahead=2 if num_workers > 0 else 0,
         num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin,
         # Own generator: otherwise each new iterator draws its worker base seed from torch's global
         # RNG, which would make the training step's randomness depend on the loader.
         generator=torch.Generator().manual_seed(seed),

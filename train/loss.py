@@ -222,7 +222,9 @@ def prepare_batch(
 
     `raw`: `latents` (B, F, 2C|C, h, w), `caption` (B,) long and, for inpaint, `masks`
     (B, K, F, 1, h, w: the latent mask, 1 = known), `masked_latents` (B, K, F, 2C|C, h, w) and
-    `all_masked` (B, K) bool. `embeddings` maps caption indices (B,) to (B, L, D) text states.
+    `all_masked` (B, K) bool. `embeddings` maps caption indices (B,) to (B, L, D) text states; when
+    the loader already read the captions' states (`caption_embeds` (B, L, D)), it is asked only
+    for the empty caption's, and the result is the same.
     `latent_format` says whether the store holds VAE moments or one sample. Normal mode ignores masks.
     """
     if mode not in MODES:
@@ -246,5 +248,10 @@ def prepare_batch(
         raw["caption"], generator, p=caption_dropout_p, empty_index=empty_index
     )
     out["caption"] = caption
-    out["prompt_embeds"] = embeddings(caption)  # (B, L, D)
+    if "caption_embeds" in raw:  # read by the loader: only the empty caption is looked up here
+        empty = embeddings(torch.full((1,), empty_index, dtype=caption.dtype))  # (1, L, D)
+        kept = (caption != empty_index).view(-1, 1, 1).to(raw["caption_embeds"].device)
+        out["prompt_embeds"] = torch.where(kept, raw["caption_embeds"], empty)  # (B, L, D)
+    else:
+        out["prompt_embeds"] = embeddings(caption)  # (B, L, D)
     return out

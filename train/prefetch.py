@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from cogfun.train.data import Batch, BucketBatchSampler
 
 
-class _BatchStream:
+class BatchStream:
     """The sampler's batches from `start` = (epoch, batches done) on, epoch after epoch, without
     end: what the DataLoader draws from, so its workers keep prefetching across epoch ends."""
 
@@ -64,7 +64,7 @@ class EpochLoader(DataLoader):
     ) -> None:
         self.batches = batches
         self.ahead = ahead
-        self._stream = _BatchStream(batches)
+        self._stream = BatchStream(batches)
         self._live: list[_Receiver | None] = [None]  # a holder the finalizer below can see
         self._next: tuple[int, int] | None = None  # (epoch, batches done) the stream yields next
         pack = partial(pack_batch, as_tensor=bool(kwargs.get("pin_memory")))

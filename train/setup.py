@@ -46,6 +46,7 @@ _RESUME_FREE = {
     "checkpointing_steps",
     "checkpoints_total_limit",
     "dataloader_num_workers",
+    "dataloader_backend",
     "progress",
     "report_to",
     "logging_dir",
@@ -191,6 +192,7 @@ def setup(cfg: TrainConfig) -> Trainer:
         acc.process_index,
         acc.num_processes,
         skip_damaged=cfg.skip_damaged,
+        backend=cfg.dataloader_backend,
     )
     max_steps = total_steps(cfg, len(sampler), acc.gradient_accumulation_steps)
     lr_scheduler = optim.make_lr_scheduler(
