@@ -16,6 +16,10 @@ Figures, one `name: value` line each: `transformer_step_s` (median), `transforme
 `peak_tflops`, `mfu`, `transformer_peak_mem_gb`, `vae_encode_s`, `vae_frames_per_s`,
 `vae_peak_mem_gb`, and `online_step_ratio_estimate` = (step + 2 VAE encodes) ÷ step, the
 inpaint original's step over cogfun's by these two measured parts (decode and T5 left out).
+`--vae-variants` (default `eager,channels_last`; `compile` too if asked) times each VAE encode
+variant on the same weights and clip: `vae_frames_per_s_<v>`, `vae_speedup_<v>` over eager, and
+`vae_max_abs_diff_<v>`, the largest difference of its posterior mean from eager's (0 means the
+store bytes would not change).
 
 Only torch and diffusers are needed (no cogfun install, zarr, decord or deepspeed).
 """
@@ -128,10 +132,16 @@ def transformer_step(
     return step
 
 
+VAE_VARIANTS = ("eager", "channels_last", "compile")
+
+
 def vae_encode(
-    config: dict[str, Any], clip: tuple[int, int, int], device: torch.device
-) -> Callable[[], None]:
-    """One bf16 encode + posterior sample of a (1, 3, F, H, W) clip, as the original runs it."""
+    config: dict[str, Any], clip: tuple[int, int, int], device: torch.device, variant: str = "eager"
+) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
+    """One bf16 encode + posterior sample of a (1, 3, F, H, W) clip, as the original runs it, and
+    a function returning the posterior mean (to compare variants). Variants: `eager`;
+    `channels_last` (weights and input in channels_last_3d); `compile` (torch.compile of the
+    encoder). Same seed, same weights and input for every variant."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: the original casts the whole VAE
@@ -140,13 +150,54 @@ def vae_encode(
             vae = build_vae(config).eval()
     finally:
         torch.set_default_dtype(default)
-    x = torch.rand(1, 3, *clip, device=device, dtype=torch.bfloat16) * 2 - 1
+    gen = torch.Generator(device).manual_seed(1)
+    x = torch.rand(1, 3, *clip, device=device, dtype=torch.bfloat16, generator=gen) * 2 - 1
+    if variant == "channels_last":
+        for param in vae.parameters():  # Module.to refuses the VAE's 4-D (Conv2d) weights
+            if param.dim() == 5:
+                param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif variant == "compile":
+        vae.encoder = torch.compile(vae.encoder)
+    elif variant != "eager":
+        raise ValueError(f"unknown VAE variant {variant!r} (one of {', '.join(VAE_VARIANTS)})")
 
     def encode() -> None:
         with torch.no_grad():
             vae.encode(x).latent_dist.sample()
 
-    return encode
+    def mean() -> torch.Tensor:
+        with torch.no_grad():
+            return vae.encode(x).latent_dist.mean.float()
+
+    return encode, mean
+
+
+def vae_variants(
+    config: dict[str, Any],
+    clip: tuple[int, int, int],
+    device: torch.device,
+    variants: list[str],
+    encodes: int,
+) -> dict[str, float]:
+    """frames/s of each variant, and its largest difference from eager's posterior mean (a
+    variant that changes results changes store bytes: precompute would fingerprint it)."""
+    figures: dict[str, float] = {}
+    reference = None
+    for variant in ["eager", *[v for v in variants if v != "eager"]]:
+        _reset_peak(device)
+        encode, mean = vae_encode(config, clip, device, variant)
+        times = timed(encode, device, 1, encodes)  # the warm-up call compiles
+        got = mean()
+        reference = got if reference is None else reference
+        figures[f"vae_frames_per_s_{variant}"] = clip[0] / statistics.median(times)
+        figures[f"vae_max_abs_diff_{variant}"] = float((got - reference).abs().max())
+        figures[f"vae_peak_mem_gb_{variant}"] = _peak_gb(device)
+    eager = figures["vae_frames_per_s_eager"]
+    for variant in variants:
+        if variant != "eager":
+            figures[f"vae_speedup_{variant}"] = figures[f"vae_frames_per_s_{variant}"] / eager
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="measured transformer steps")
     p.add_argument("--encodes", type=int, default=3, help="measured VAE encodes")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--vae-variants",
+        default="eager,channels_last",
+        help=f"comma-separated VAE encode variants to compare ({', '.join(VAE_VARIANTS)}; "
+        "compile takes minutes on the real VAE)",
+    )
     args = p.parse_args(argv)
+    variants = [v for v in args.vae_variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VAE_VARIANTS))
+    if unknown:
+        p.error(f"--vae-variants: unknown {', '.join(unknown)} (one of {', '.join(VAE_VARIANTS)})")
 
     if args.reduced:
         device = torch.device("cpu")
@@ -178,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     step_s = statistics.median(step_times)
     step_mem = _peak_gb(device)
     _reset_peak(device)  # the transformer and its optimizer are freed before the VAE runs
-    vae_times = timed(vae_encode(vae_config, clip, device), device, 1, args.encodes)
+    vae_times = timed(vae_encode(vae_config, clip, device)[0], device, 1, args.encodes)
     vae_s = statistics.median(vae_times)
+    vae_peak = _peak_gb(device)
+    compared = vae_variants(vae_config, clip, device, variants, args.encodes)
 
     achieved = flops / step_s / 1e12
     figures: dict[str, Any] = {
@@ -198,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         "vae_clip": "x".join(map(str, clip)),
         "vae_encode_s": vae_s,
         "vae_frames_per_s": clip[0] / vae_s,
-        "vae_peak_mem_gb": _peak_gb(device),
+        "vae_peak_mem_gb": vae_peak,
         "online_step_ratio_estimate": (step_s + 2 * vae_s) / step_s,
+        **compared,
     }
     for key, value in figures.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")

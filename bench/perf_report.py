@@ -53,8 +53,11 @@ def _vs(other: str, factor: float) -> Callable[[float, Values], bool]:
 FIGURES = [
     Figure("loader_vs_raw_read", "≥ 0.8", lambda v, _: v >= 0.8),
     Figure("data_wait_fraction", "< 0.02", lambda v, _: v < 0.02),
+    Figure("data_wait_fraction_processes", "report (worker processes)"),
+    Figure("data_wait_fraction_all_cores", "report (torch on every core)"),
     Figure("train_speedup_vs_online", "≥ 1.5 (aim 2.0)", lambda v, _: v >= 1.5),
     Figure("train_peak_rss_ratio", "< 1", lambda v, _: v < 1),
+    Figure("train_peak_rss_ratio_processes", "report (worker processes)"),
     Figure("cost_ratio_t5", "within 2x of 0.019", _within(0.019 / 2, 0.019 * 2)),
     Figure("cost_ratio_transformer", "within 2x of 0.69", _within(0.69 / 2, 0.69 * 2)),
     Figure("precompute_samples_per_s", "report"),

@@ -48,7 +48,7 @@ def benches(threads: int) -> list[Bench]:
     t = ["--threads", str(threads)]
     quick_train = ["--tiny", "--clips", "1", "--frames", "5", "--size", "16", "--wait-size", "16"]
     quick_train += ["--epoch-samples", "4", "--rounds", "1", "--steps", "1", "--workers", "1"]
-    quick_train += ["--wait-steps", "2", "--wait-warmup", "2"]
+    quick_train += ["--wait-steps", "2", "--wait-warmup", "2", "--wait-rounds", "1"]
     tiny_pre = ["--model", "tiny", "--frames", "5", "--size", "32", "--source", "48x64"]
     return [
         Bench("flops.py", {"quick": [], "default": [], "full": []}),

@@ -112,6 +112,28 @@ def test_gpu_reduced_prints_sane_figures():
     assert float(fig["vae_frames_per_s"]) == pytest.approx(9 / float(fig["vae_encode_s"]), rel=0.01)
     ratio = float(fig["online_step_ratio_estimate"])
     assert ratio == pytest.approx(1 + 2 * float(fig["vae_encode_s"]) / step_s, rel=0.01)
+    # The VAE variants (default eager, channels_last): same weights and clip, compared to eager.
+    assert float(fig["vae_max_abs_diff_eager"]) == 0
+    assert 0 <= float(fig["vae_max_abs_diff_channels_last"]) < 0.1  # bf16 rounding at most
+    speedup = float(fig["vae_frames_per_s_channels_last"]) / float(fig["vae_frames_per_s_eager"])
+    assert float(fig["vae_speedup_channels_last"]) == pytest.approx(speedup, rel=0.01)
+    assert "vae_frames_per_s_compile" not in fig  # opt-in: minutes on the real VAE
+
+
+def test_gpu_refuses_an_unknown_vae_variant():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu.py"),
+            "--reduced",
+            "--vae-variants",
+            "eager,fast",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--vae-variants: unknown fast" in proc.stderr
 
 
 def test_gpu_peak_table():
