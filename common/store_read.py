@@ -41,6 +41,7 @@ from cogfun.common.store_schema import (
     caption_specs,
     checksum,
     latent_shape_of,
+    plan_chunk_rows,
     plan_specs,
     sample_checksum,
     sample_specs,
@@ -87,7 +88,7 @@ class StoreReader:
         self._root = open_root(self.path, "r")
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
         self._files: dict[str, dict[str, ChunkFiles | None]] = {}  # per-sample arrays' files
-        self._rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}  # plan chunks
         self._shared: dict[str, np.ndarray] = {}
         self._done: dict[str, np.ndarray] = {}
         # Fills of the caches above; a cache entry is published only once complete, so readers
@@ -215,22 +216,42 @@ class StoreReader:
         return self._arrays["\0captions"]
 
     def _plan_rows(self, bucket: str) -> tuple[np.ndarray, np.ndarray]:
-        """(caption index (N,), provenance hash (N,)) of a bucket, loaded once (16 bytes a row)."""
-        if bucket not in self._rows:
-            arrays = self._bucket_arrays(bucket)
-            with self._fill:
-                if bucket not in self._rows:
-                    try:
-                        rows = (
-                            np.asarray(arrays["caption"][:]),
-                            np.asarray(arrays["provenance_hash"][:]),
-                        )
-                    except Exception as exc:
-                        raise StoreError(
-                            f"{self.path / 'buckets' / bucket}: plan rows unreadable: {exc}"
-                        ) from exc
-                    self._rows[bucket] = rows
-        return self._rows[bucket]
+        """(caption index (N,), provenance hash (N,)) of a whole bucket (for scans)."""
+        arrays = self._bucket_arrays(bucket)
+        try:
+            return np.asarray(arrays["caption"][:]), np.asarray(arrays["provenance_hash"][:])
+        except Exception as exc:
+            raise StoreError(
+                f"{self.path / 'buckets' / bucket}: plan rows unreadable: {exc}"
+            ) from exc
+
+    def _plan_values(self, bucket: str, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(caption index, provenance hash) of `slots`, from the plan chunks that hold them: a
+        chunk is read once (16 bytes a row, PLAN_CHUNK_ROWS rows), so the first batch of a
+        100k-sample bucket reads no more than that of a 1k one."""
+        rows = self._info(bucket).planned
+        size = plan_chunk_rows(rows)
+        captions = np.empty(len(slots), dtype=np.int64)
+        hashes = np.empty(len(slots), dtype=np.uint64)
+        for chunk in np.unique(slots // size).tolist():
+            key = (bucket, chunk)
+            if key not in self._rows:
+                arrays = self._bucket_arrays(bucket)
+                lo, hi = chunk * size, min((chunk + 1) * size, rows)
+                try:
+                    values = (
+                        np.asarray(arrays["caption"][lo:hi]),
+                        np.asarray(arrays["provenance_hash"][lo:hi]),
+                    )
+                except Exception as exc:
+                    raise StoreError(
+                        f"{self.path / 'buckets' / bucket}: plan rows unreadable: {exc}"
+                    ) from exc
+                self._rows[key] = values  # one assignment of a finished value: no lock needed
+            inside = slots // size == chunk
+            captions[inside] = self._rows[key][0][slots[inside] - chunk * size]
+            hashes[inside] = self._rows[key][1][slots[inside] - chunk * size]
+        return captions, hashes
 
     def _shared_latents(self, bucket: str, slot: int) -> np.ndarray:
         if bucket not in self._shared:
@@ -300,18 +321,18 @@ class StoreReader:
             raise self._damaged(
                 bucket, int(slots[0]), f"a chunk file is unreadable: {exc}"
             ) from exc
-        captions, prov_hash = self._plan_rows(bucket)
+        captions, prov_hash = self._plan_values(bucket, slots)  # (B,) each
         if sums is not None:
             for i, s in enumerate(slots):
                 one = {n: data[n][i] for n in names}
-                expected = sample_checksum(bucket, int(s), one, int(captions[s]), int(prov_hash[s]))
+                expected = sample_checksum(bucket, int(s), one, int(captions[i]), int(prov_hash[i]))
                 if int(sums[i]) != expected:
                     raise self._damaged(bucket, int(s), _mismatch_reason(int(sums[i])))
         if "all_masked" in data and data["all_masked"].any():
             data["masked_latents"][data["all_masked"].astype(bool)] = self._shared_latents(
                 bucket, int(slots[0])
             )
-        data["caption"] = captions[slots].astype(np.int64)
+        data["caption"] = captions
         return data
 
     def read_batch(self, bucket: str, slots: Any, verify: bool = True) -> dict:

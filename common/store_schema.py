@@ -263,9 +263,14 @@ def sample_specs(n: int, b: BucketPlan | BucketInfo, layout: StoreLayout) -> lis
     return specs
 
 
+def plan_chunk_rows(n: int) -> int:
+    """Rows per chunk of a bucket's `caption` and `provenance_hash` arrays (n rows planned)."""
+    return max(1, min(n, PLAN_CHUNK_ROWS))
+
+
 def plan_specs(n: int) -> list[ArraySpec]:
     """Plan-level arrays of one bucket, written at creation; `done` is written by finalize."""
-    rows = max(1, min(n, PLAN_CHUNK_ROWS))
+    rows = plan_chunk_rows(n)
     return [
         ArraySpec("caption", (n,), "int64", (rows,)),
         ArraySpec("provenance_hash", (n,), "uint64", (rows,)),

@@ -191,3 +191,33 @@ def test_reader_threads_pin_every_tensor_when_asked(monkeypatch):
     assert sorted(pinned) == [(2,), (2, 3)] and out["bucket"] == "b"
     assert torch.equal(out["latents"], batch["latents"]) and out["latents"] is not batch["latents"]
     assert threaded._read({("b", (0,)): batch}, False, ("b", (0,))) is batch
+
+
+def test_a_batch_reads_only_the_plan_chunks_that_hold_its_slots(tmp_path, monkeypatch):
+    """Caption indices and provenance hashes come from the plan chunks holding the batch's slots
+    (read once each), so a 100k-sample bucket's first batch costs what a 1k one's does."""
+    from cogfun.common import store_schema
+    from cogfun.common.store import open_store
+
+    monkeypatch.setattr(store_schema, "PLAN_CHUNK_ROWS", 3)  # 10 rows: chunks 0-2, 3-5, 6-8, 9
+    path = tmp_path / "chunks.zarr"
+    rows = [RowPlan(1 + i % 3, {"i": i}) for i in range(10)]
+    plan = StorePlan([BucketPlan("f1_h8_w8", 1, 8, 8, 1, 1, 1, rows)], ["", "a", "b", "c"])
+    w = open_for_write(
+        path,
+        settings={},
+        attrs={},
+        plan=plan,
+        layout=StoreLayout(2, "moments", 0, 3, 4),
+        create=True,
+    )
+    for i in range(4):
+        w.write_caption(i, torch.full((3, 4), float(i)))
+    w.write_samples("f1_h8_w8", range(10), torch.ones(10, 1, 4, 1, 1, dtype=torch.bfloat16))
+    w.finalize()
+    reader = open_store(path)
+    batch = reader.read_batch("f1_h8_w8", [7, 2, 6])  # chunks 2 and 0, checksums verified
+    assert batch["caption"].tolist() == [1 + 7 % 3, 1 + 2 % 3, 1 + 6 % 3]
+    assert sorted(reader._rows) == [("f1_h8_w8", 0), ("f1_h8_w8", 2)]
+    assert reader.read_batch("f1_h8_w8", [9])["caption"].tolist() == [1]
+    assert sorted(k[1] for k in reader._rows) == [0, 2, 3]
