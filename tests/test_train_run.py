@@ -77,6 +77,7 @@ RESUME_CASES = {
         gradient_checkpointing=True,
     ),
     "workers": dict(dataloader_num_workers=2),
+    "worker-processes": dict(dataloader_num_workers=2, dataloader_backend="processes"),
 }
 
 
@@ -95,7 +96,11 @@ def _sampler_position_survives_a_second_iter() -> bool:
 
 @pytest.mark.parametrize(
     "case",
-    [pytest.param("bf16-came-ema-accum-ckpt", marks=pytest.mark.slow), "workers"],
+    [
+        pytest.param("bf16-came-ema-accum-ckpt", marks=pytest.mark.slow),
+        "workers",
+        pytest.param("worker-processes", marks=pytest.mark.slow),
+    ],
 )
 def test_resume_gives_the_same_losses_and_bitwise_weights(shared, tmp_path, case):
     store, model = shared
@@ -119,6 +124,24 @@ def test_resume_gives_the_same_losses_and_bitwise_weights(shared, tmp_path, case
         wb = _weights(tmp_path / "split" / "checkpoint-4" / part)
         assert wa.keys() == wb.keys()
         assert all(torch.equal(wa[k], wb[k]) for k in wa), part
+
+
+def test_every_loader_gives_the_same_run(shared, tmp_path):
+    """Reader threads, worker processes and inline reads feed the same batches in the same order
+    (captions included): the same losses and gradient norms, step for step."""
+    store, model = shared
+    runs = {
+        "threads": dict(dataloader_num_workers=2, dataloader_backend="threads"),
+        "processes": dict(dataloader_num_workers=2, dataloader_backend="processes"),
+        "inline": dict(dataloader_num_workers=0),
+    }
+    got = {}
+    for name, options in runs.items():
+        out = tmp_path / name
+        run_in_process(latents=store, model=model, output_dir=out, max_train_steps=3, **options)
+        got[name] = [(r["step"], r["loss"], r["grad_norm"]) for r in metrics(out)]
+    assert [step for step, _, _ in got["threads"]] == [1, 2, 3]
+    assert got["threads"] == got["processes"] == got["inline"]
 
 
 def test_16_channel_checkpoint_starts_an_inpaint_run(tmp_path_factory, tmp_path, shared):
