@@ -9,6 +9,9 @@ Figures (one `name: value` line each, BENCHMARKS.md):
   zarr and turns the uint16 bits into bf16 tensors. Both read the same store, alternated `--repeats`
   times after a warm-up pass (page cache warm for both); medians are reported, with the spread.
   `loader_samples_per_s_processes` is the same loader with worker processes, alternated with it.
+- `real2b_samples_per_s` (and `_processes`, `real2b_mb_per_s`): the loader over `--real-samples`
+  samples of the real 2b-InP's sizes (13x60x90 latent moments, 4 masked-video variants, a
+  226x4096 caption), batch 4: what one rank's loader can feed a real training step.
 - `open_s_1k`, `open_s_100k`, `rss_mb_1k`, `rss_mb_100k`: seconds and the training process's RSS
   from `make_dataloader` (which opens the store) to the first batch, each in a fresh process after
   imports, on stores of 1,000 and 100,000 small samples written in bulk through the store module.
@@ -57,7 +60,9 @@ def _plan(buckets: dict[str, tuple[int, int, int, int]], n_captions: int) -> Sto
     return StorePlan(plan, [""] + [f"caption {i}" for i in range(n_captions)])
 
 
-def build_store(path: Path, plan: StorePlan, masks: int, seed: int = 0) -> float:
+def build_store(
+    path: Path, plan: StorePlan, masks: int, seed: int = 0, text: tuple[int, int] = TEXT
+) -> float:
     """Write every planned sample with random bf16 tensors through the store module; seconds taken.
     A complete store at `path` with the same buckets and counts is reused (returns 0.0); anything
     else there (an older or interrupted bench store) is removed first."""
@@ -71,8 +76,8 @@ def build_store(path: Path, plan: StorePlan, masks: int, seed: int = 0) -> float
         pass
     shutil.rmtree(path, ignore_errors=True)
     t0 = time.perf_counter()
-    layout = StoreLayout(C, "moments", masks, *TEXT)
-    settings = {"bench": "loader", "seed": seed, "masks": masks}
+    layout = StoreLayout(C, "moments", masks, *text)
+    settings = {"bench": "loader", "seed": seed, "masks": masks, "text": list(text)}
     writer = open_for_write(
         path,
         settings=settings,
@@ -83,24 +88,23 @@ def build_store(path: Path, plan: StorePlan, masks: int, seed: int = 0) -> float
     )
     gen = torch.Generator().manual_seed(seed)
     for i in range(len(plan.captions)):
-        writer.write_caption(i, torch.randn(*TEXT, generator=gen).bfloat16())
+        writer.write_caption(i, torch.randn(*text, generator=gen).bfloat16())
     for b in plan.buckets:
+        chunk = min(WRITE_CHUNK, len(b.rows))
         lat = (b.latent_frames, 2 * C, b.latent_h, b.latent_w)
         # One random block reused for every write: content does not change read cost, and fresh
         # random tensors for 100k samples would dominate the build time.
-        block = torch.randn(WRITE_CHUNK, *lat, generator=gen).bfloat16()
+        block = torch.randn(chunk, *lat, generator=gen).bfloat16()
         extra: tuple = ()
         if masks:
             writer.write_all_masked(b.name, torch.randn(*lat, generator=gen).bfloat16())
-            m = (
-                torch.rand(WRITE_CHUNK, masks, lat[0], 1, *lat[2:], generator=gen) > 0.5
-            ).bfloat16()
-            mv = torch.randn(WRITE_CHUNK, masks, *lat, generator=gen).bfloat16()
-            flags = torch.zeros(WRITE_CHUNK, masks, dtype=torch.bool)
+            m = (torch.rand(chunk, masks, lat[0], 1, *lat[2:], generator=gen) > 0.5).bfloat16()
+            mv = torch.randn(chunk, masks, *lat, generator=gen).bfloat16()
+            flags = torch.zeros(chunk, masks, dtype=torch.bool)
             flags[::7, 0] = True  # some all-masked variants, as precompute stores them
             extra = (m, mv, flags)
-        for start in range(0, len(b.rows), WRITE_CHUNK):
-            n = min(WRITE_CHUNK, len(b.rows) - start)
+        for start in range(0, len(b.rows), chunk):
+            n = min(chunk, len(b.rows) - start)
             writer.write_samples(
                 b.name, range(start, start + n), block[:n], *(x[:n] for x in extra)
             )
@@ -219,6 +223,34 @@ def run_probe(path: Path, workers: int, batch_size: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+REAL_2B_BUCKET = (49, 480, 720)  # frames, height, width: 13 x 60 x 90 latents
+REAL_2B_TEXT = (226, 4096)  # T5-XXL
+
+
+def real_scale(args: argparse.Namespace) -> None:
+    """The loader on samples of the real 2b-InP's sizes (moments, K=4 masks, T5-XXL captions:
+    ~25 MB a sample before compression): can one rank's loader feed a real training step? Both
+    backends, alternated, `--workers` workers, batch 4."""
+    f, h, w = REAL_2B_BUCKET
+    plan = _plan({f"f{(f - 1) // 4 + 1}_h{h // 8}_w{w // 8}": (f, h, w, args.real_samples)}, 4)
+    path = args.workdir / f"real2b_{args.real_samples}.zarr"
+    build_s = build_store(path, plan, masks=K, text=REAL_2B_TEXT)
+    print(f"store_build_s_real2b: {build_s:.1f}  ({args.real_samples} samples, reused if 0.0)")
+    b = plan.buckets[0]
+    latent = b.latent_frames * 2 * C * b.latent_h * b.latent_w * 2  # bf16 moments
+    mask = b.latent_frames * b.latent_h * b.latent_w * 2
+    sample_mb = (latent * (1 + K) + mask * K + K + REAL_2B_TEXT[0] * REAL_2B_TEXT[1] * 2) / 1e6
+    rates: dict[str, list[float]] = {"threads": [], "processes": []}
+    for _ in range(max(1, args.repeats // 2)):
+        for backend, got in rates.items():
+            got += loader_epochs(path, args.workers, 4, epochs=1, backend=backend)
+    threads = statistics.median(rates["threads"])
+    print(f"real2b_sample_mb: {sample_mb:.1f}  (latents, {K} masks and masked latents, caption)")
+    print(f"real2b_samples_per_s: {threads:.1f}  ({args.workers} reader threads, batch 4)")
+    print(f"real2b_mb_per_s: {threads * sample_mb:.0f}")
+    print(f"real2b_samples_per_s_processes: {statistics.median(rates['processes']):.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -241,6 +273,12 @@ def main() -> None:
     ap.add_argument(
         "--large", type=int, default=100_000, help="samples in the large open-cost store"
     )
+    ap.add_argument(
+        "--real-samples",
+        type=int,
+        default=16,
+        help="samples of the real 2b-InP's sizes (~25 MB each) in the real-scale store (0: skip)",
+    )
     ap.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -252,7 +290,7 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"threads: {torch.get_num_threads()}  workers: {args.workers}  batch: {args.batch_size}")
-    store = args.workdir / "throughput.zarr"
+    store = args.workdir / f"throughput_{args.videos}x{args.images}.zarr"
     plan = _plan(
         {"f13_h16_w16": (49, 128, 128, args.videos), "f1_h16_w16": (1, 128, 128, args.images)}, 8
     )
@@ -281,18 +319,23 @@ def main() -> None:
     print(f"loader_vs_raw_read: {loader / raw:.3f}")
     wait = simulated_wait(store, args.workers, args.batch_size, args.step_ms, steps=120)
     print(f"data_wait_fraction_sim: {wait:.4f}  (consumer busy {args.step_ms:.0f} ms per batch)")
+    if args.real_samples:
+        real_scale(args)
 
     small = _plan({"f1_h8_w8": (1, 64, 64, 1000)}, 4)
     large = _plan({"f1_h8_w8": (1, 64, 64, args.large)}, 4)
+    # Named by size: runs of other sizes (run_all --quick) keep their own stores.
+    paths = {
+        "1k": args.workdir / "open_1000.zarr",
+        "100k": args.workdir / f"open_{args.large}.zarr",
+    }
     for label, p in (("1k", small), ("100k", large)):
-        seconds = build_store(args.workdir / f"open_{label}.zarr", p, masks=0)
+        seconds = build_store(paths[label], p, masks=0)
         print(f"store_build_s_{label}: {seconds:.1f}  (reused if 0.0)")
     probes: dict[str, list[dict]] = {"1k": [], "100k": []}
     for _ in range(args.repeats):
         for label in probes:
-            probes[label].append(
-                run_probe(args.workdir / f"open_{label}.zarr", args.workers, args.batch_size)
-            )
+            probes[label].append(run_probe(paths[label], args.workers, args.batch_size))
     for key, name in (("open_s", "open_s"), ("rss_mb", "rss_mb"), ("rss_delta_mb", "rss_delta_mb")):
         for label, runs in probes.items():
             med, spread = _median_spread([r[key] for r in runs])

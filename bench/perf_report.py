@@ -54,6 +54,7 @@ FIGURES = [
     Figure("loader_vs_raw_read", "≥ 0.8", lambda v, _: v >= 0.8),
     Figure("data_wait_fraction", "< 0.02", lambda v, _: v < 0.02),
     Figure("data_wait_fraction_processes", "report (worker processes)"),
+    Figure("real2b_samples_per_s", "report (one rank's loader, real 2b-InP sample sizes)"),
     Figure("data_wait_fraction_all_cores", "report (torch on every core)"),
     Figure("train_speedup_vs_online", "≥ 1.5 (aim 2.0)", lambda v, _: v >= 1.5),
     Figure("train_peak_rss_ratio", "< 1", lambda v, _: v < 1),

@@ -55,7 +55,8 @@ def benches(threads: int) -> list[Bench]:
         Bench(
             "loader.py",
             {
-                "quick": ["--videos", "4", "--images", "4", "--large", "300", "--repeats", "1"],
+                "quick": ["--videos", "4", "--images", "4", "--large", "300", "--repeats", "1"]
+                + ["--real-samples", "4"],
                 "default": ["--repeats", "5"],  # open_s medians of 5 fresh processes
                 "full": ["--repeats", "7"],
             },
