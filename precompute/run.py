@@ -207,6 +207,23 @@ def _layout(cfg: PrecomputeConfig, settings: dict) -> StoreLayout:
     )
 
 
+def _warn_on_thread_change(writer: StoreWriter, out: Path, threads: int) -> None:
+    """A store resumed at another per-process torch thread count: every sample stays valid, but
+    the ones written now may differ bitwise from what the recorded count gives (and the digest
+    from an uninterrupted run's)."""
+    before = (writer.root.attrs.get("attrs") or {}).get("threads")
+    if isinstance(before, int) and before != threads:
+        log.warning(
+            "%s was started with %d torch threads per process and this run uses %d: samples "
+            "written now may differ bitwise from those of an uninterrupted run (pass --threads %d "
+            "to match)",
+            out,
+            before,
+            threads,
+            before,
+        )
+
+
 def _open_store(
     cfg: PrecomputeConfig,
     ranks: Ranks,
@@ -240,6 +257,7 @@ def _open_store(
                 cfg.out, settings=settings, attrs=attrs, plan=plan.store, layout=layout, create=True
             )
             save_probes(cfg.out, probes)
+            _warn_on_thread_change(writer, cfg.out, attrs["threads"])
             for f in plan.failures:
                 log.warning("skipped %s: %s", f.key, f.reason)
                 writer.record_failure(f.key, f.file, f.reason, f.row)

@@ -120,6 +120,13 @@ def test_resume_skips_done_and_refuses_other_settings(
     err = capsys.readouterr().err
     assert "stored 0 samples in 0 chunks, 0 failed, 7 already done" in err
     assert open_store(inpaint_store).digest() == before
+    assert "torch threads" not in err
+    # Another thread count resumes (nothing changes the fingerprint), with a warning: samples
+    # written now may differ bitwise from the recorded count's.
+    assert run(_cfg(dataset, tiny_model_dir, inpaint_store, threads=2)) == 0
+    err = capsys.readouterr().err
+    assert "started with 1 torch threads per process and this run uses 2" in err
+    assert "--threads 1" in err and open_store(inpaint_store).digest() == before
     assert run(_cfg(dataset, tiny_model_dir, inpaint_store, seed=1, vae_mini_batch=2)) == 2
     err = capsys.readouterr().err
     assert (
