@@ -72,11 +72,6 @@ class ThreadLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self._epoch()
 
-    def close(self) -> None:
-        """Drop what was read ahead and stop the threads (a later pass would fail)."""
-        _shutdown(self._pool, self._pending)
-        self._source, self._next = None, None
-
     def _epoch(self) -> Iterator[dict[str, Any]]:
         s = self.batches
         want, s._skip = (s.epoch, s._skip), 0  # the skip is spent, as the sampler's own pass does
