@@ -34,37 +34,57 @@ _DTYPES = {"uint8", "uint16", "uint64", "int64"}
 
 
 class ChunkFiles:
-    """The chunk files of one array whose chunks are single rows: `row(i)` lives in one file."""
+    """The chunk files of one array whose chunks are whole rows: with `chunk_rows` 1 (every
+    per-sample array) `row(i)` lives in one file, which `read` and the writes handle; larger
+    chunks (the plan arrays) are only read, a chunk at a time (`read_chunk`)."""
 
-    def __init__(self, folder: Path, shape: tuple[int, ...], dtype: str, blosc: Blosc | None):
+    def __init__(
+        self,
+        folder: Path,
+        shape: tuple[int, ...],
+        dtype: str,
+        blosc: Blosc | None,
+        chunk_rows: int = 1,
+    ):
         self.folder = folder
         self._prefix = os.path.join(folder, "c.")  # plain strings: pathlib costs ~10 us a file
         self.row_shape = tuple(shape[1:])
         self.rows = shape[0]
+        self.chunk_rows = chunk_rows
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.blosc = blosc
         self._suffix = ".0" * len(self.row_shape)
         self._row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 
     def path(self, row: int) -> str:
+        """The file of chunk `row` (the row itself when chunk_rows is 1)."""
         return f"{self._prefix}{int(row)}{self._suffix}"
 
     # ---- reads ----
 
     def read(self, row: int) -> np.ndarray:
         """One row (row_shape); a missing file is the fill value. Undecodable bytes raise."""
+        return self._load(row, (), self.row_shape)
+
+    def read_chunk(self, index: int) -> np.ndarray:
+        """Chunk `index`, rows index * chunk_rows onwards, as (chunk_rows, *row_shape): zarr
+        stores a chunk whole, also the last one past the array's end."""
+        return self._load(index, (self.chunk_rows,), (self.chunk_rows, *self.row_shape))
+
+    def _load(self, index: int, lead: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+        nbytes = self._row_bytes * (lead[0] if lead else 1)
         try:
-            with open(self.path(row), "rb") as f:
+            with open(self.path(index), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            return np.zeros(self.row_shape, dtype=self.dtype)
+            return np.zeros(shape, dtype=self.dtype)
         if self.blosc is not None:
             data = self.blosc.decode(data)
-        if len(data) != self._row_bytes:
+        if len(data) != nbytes:
             raise ValueError(
-                f"{self.path(row)}: {len(data)} bytes after decoding, expected {self._row_bytes}"
+                f"{self.path(index)}: {len(data)} bytes after decoding, expected {nbytes}"
             )
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.row_shape)
+        return np.frombuffer(data, dtype=self.dtype).reshape(shape)
 
     def read_many(self, rows: Iterable[int]) -> np.ndarray:
         """Rows stacked (B, *row_shape), native byte order."""
@@ -144,8 +164,9 @@ def _write_each(items: list[tuple[ChunkFiles, int, np.ndarray | None]]) -> None:
         files.write(row, value)
 
 
-def chunk_files(meta: dict, folder: Path) -> ChunkFiles | None:
-    """ChunkFiles for an array's parsed `zarr.json`, or None when it is not the simple layout."""
+def chunk_files(meta: dict, folder: Path, multi_row: bool = False) -> ChunkFiles | None:
+    """ChunkFiles for an array's parsed `zarr.json`, or None when it is not the simple layout
+    (one row per chunk; several with `multi_row`, for `read_chunk` only)."""
     try:
         shape = tuple(int(v) for v in meta["shape"])
         chunks = tuple(int(v) for v in meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -162,7 +183,9 @@ def chunk_files(meta: dict, folder: Path) -> ChunkFiles | None:
         and meta.get("fill_value") == 0
         and not meta.get("storage_transformers")
         and len(shape) >= 1
-        and chunks == (1, *shape[1:])
+        and len(chunks) == len(shape)
+        and chunks[1:] == shape[1:]
+        and (chunks[0] == 1 or (multi_row and chunks[0] >= 1))
     )
     if not simple or not codecs or codecs[0].get("name") != "bytes":
         return None
@@ -184,4 +207,4 @@ def chunk_files(meta: dict, folder: Path) -> ChunkFiles | None:
             )
         except (KeyError, TypeError, ValueError):
             return None
-    return ChunkFiles(folder, shape, dtype, blosc)
+    return ChunkFiles(folder, shape, dtype, blosc, chunk_rows=chunks[0])

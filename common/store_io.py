@@ -106,9 +106,12 @@ def open_array(group: zarr.Group, group_dir: Path, spec: ArraySpec) -> zarr.Arra
     return arr
 
 
-def open_chunk_files(group_dir: Path, spec: ArraySpec) -> ChunkFiles | None:
-    """Direct access to a one-chunk-per-row array's files, or None (then zarr reads it)."""
-    return chunk_files(node_json(group_dir / spec.name), group_dir / spec.name)
+def open_chunk_files(
+    group_dir: Path, spec: ArraySpec, multi_row: bool = False
+) -> ChunkFiles | None:
+    """Direct access to a one-chunk-per-row array's files (or, with `multi_row`, to any array
+    chunked by whole rows, for `read_chunk`), or None (then zarr reads it)."""
+    return chunk_files(node_json(group_dir / spec.name), group_dir / spec.name, multi_row)
 
 
 def read_flags(arr: zarr.Array, files: ChunkFiles | None = None) -> np.ndarray:

@@ -194,6 +194,9 @@ class StoreReader:
             s.name: open_chunk_files(group_dir, s)
             for s in sample_specs(info.planned, info, self.layout)
         }
+        for s in plan_specs(info.planned):
+            if s.name in ("caption", "provenance_hash"):
+                self._files[bucket][s.name] = open_chunk_files(group_dir, s, multi_row=True)
         # Last: a thread that finds the arrays finds the files too.
         self._arrays[bucket] = {s.name: open_array(group, group_dir, s) for s in specs}
 
@@ -230,18 +233,22 @@ class StoreReader:
         chunk is read once (16 bytes a row, PLAN_CHUNK_ROWS rows), so the first batch of a
         100k-sample bucket reads no more than that of a 1k one."""
         rows = self._info(bucket).planned
-        size = plan_chunk_rows(rows)
+        arrays = self._bucket_arrays(bucket)
+        files = [self._files[bucket][name] for name in ("caption", "provenance_hash")]
+        # The chunking the store was written with (PLAN_CHUNK_ROWS may have changed since).
+        size = files[0].chunk_rows if files[0] is not None else plan_chunk_rows(rows)
         captions = np.empty(len(slots), dtype=np.int64)
         hashes = np.empty(len(slots), dtype=np.uint64)
         for chunk in np.unique(slots // size).tolist():
             key = (bucket, chunk)
             if key not in self._rows:
-                arrays = self._bucket_arrays(bucket)
                 lo, hi = chunk * size, min((chunk + 1) * size, rows)
                 try:
-                    values = (
-                        np.asarray(arrays["caption"][lo:hi]),
-                        np.asarray(arrays["provenance_hash"][lo:hi]),
+                    values = tuple(
+                        f.read_chunk(chunk)[: hi - lo]  # straight from the chunk file
+                        if f is not None and f.chunk_rows == size
+                        else np.asarray(arrays[name][lo:hi])
+                        for f, name in zip(files, ("caption", "provenance_hash"), strict=True)
                     )
                 except Exception as exc:
                     raise StoreError(

@@ -154,3 +154,30 @@ def test_rewrite_clears_old_files(tmp_path):
     assert not os.path.exists(files.path(1))
     files.write(1, np.ones(files.row_shape, dtype=np.uint16))
     np.testing.assert_array_equal(files.read(1), 1)
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_read_chunk_of_a_multi_row_array_matches_zarr(tmp_path, compressed):
+    """Arrays chunked by several rows (the plan's caption and provenance_hash) are read a chunk
+    at a time, the last chunk included (zarr stores it whole); a missing chunk is the fill value."""
+    path = tmp_path / "rows.zarr"
+    blosc = [zarr.codecs.BloscCodec(cname="zstd", clevel=3)] if compressed else None
+    arr = zarr.create_array(
+        str(path),
+        shape=(10,),
+        chunks=(4,),
+        dtype="int64",
+        fill_value=0,
+        compressors=blosc,
+        chunk_key_encoding={"name": "default", "separator": "."},  # as the store's arrays
+    )
+    values = np.arange(10, dtype=np.int64) * 7 + 1
+    values[4:8] = 0  # an all-fill chunk: zarr writes no file
+    arr[:] = values
+    meta = json.loads((path / "zarr.json").read_text())
+    assert chunk_files(meta, path) is None  # one-row access refuses a multi-row chunking
+    files = chunk_files(meta, path, multi_row=True)
+    assert files is not None and files.chunk_rows == 4
+    assert not os.path.exists(files.path(1))
+    got = np.concatenate([files.read_chunk(c) for c in range(3)])
+    assert got.shape == (12,) and np.array_equal(got[:10], np.asarray(arr[:]))
