@@ -221,3 +221,24 @@ def test_a_batch_reads_only_the_plan_chunks_that_hold_its_slots(tmp_path, monkey
     assert sorted(reader._rows) == [("f1_h8_w8", 0), ("f1_h8_w8", 2)]
     assert reader.read_batch("f1_h8_w8", [9])["caption"].tolist() == [1]
     assert sorted(k[1] for k in reader._rows) == [0, 2, 3]
+
+
+def test_reader_threads_work_on_the_training_process_device(store, monkeypatch):
+    """With pinning (CUDA), each reader thread first selects the rank's device: CUDA calls from a
+    new thread otherwise go to GPU 0 and open a context there. Faked: this machine has no CUDA."""
+    import threading
+
+    from cogfun.train.data import StoreBatchDataset
+    from cogfun.train.threaded import ThreadLoader
+
+    chosen = []
+    monkeypatch.setattr(
+        torch.cuda, "set_device", lambda i: chosen.append((threading.current_thread().name, i))
+    )
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    _, sampler = make_dataloader(store, 2, 0, seed=0, rank=0, world=1)
+    loader = ThreadLoader(StoreBatchDataset(store), sampler, 2, 2, pin_memory=True, device=3)
+    sampler.set_epoch(0)
+    assert _keys(loader) == sampler.epoch_batches(0)
+    assert chosen and {i for _, i in chosen} == {3}
+    assert all(name.startswith("cogfun-read") for name, _ in chosen)

@@ -278,7 +278,8 @@ def make_dataloader(
     if backend == "threads":
         dataset.use_reader(reader)
         ahead = (prefetch_factor or 2) * num_workers
-        return ThreadLoader(dataset, sampler, num_workers, ahead, pin), sampler
+        device = torch.cuda.current_device() if pin else None  # this rank's, set by accelerate
+        return ThreadLoader(dataset, sampler, num_workers, ahead, pin, device), sampler
     # Only the done-slot lists are taken from this reader; workers open their own.
     workers = {}
     if num_workers > 0:

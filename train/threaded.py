@@ -19,7 +19,8 @@ whatever order the threads finish in. A failed read raises the reader's own exce
 `DamagedSample` names the sample) and ends the stream; the next pass starts it afresh.
 
 On CUDA the threads also pin each batch's memory, so the training step's
-`.to(device, non_blocking=True)` copies overlap the step instead of blocking it.
+`.to(device, non_blocking=True)` copies overlap the step instead of blocking it; they work on the
+training process's device (`device`), never on GPU 0 by default.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ThreadLoader:
         threads: int,
         ahead: int,
         pin_memory: bool = False,
+        device: int | None = None,
     ) -> None:
         if threads < 0:
             raise ValueError(f"ThreadLoader: threads must be >= 0, got {threads}")
@@ -61,9 +63,13 @@ class ThreadLoader:
         self._source: Iterator[Batch] | None = None
         self._pending: deque[Future] = deque()  # in the stream's order
         self._next: tuple[int, int] | None = None  # (epoch, batches done) the stream yields next
-        self._pool = (
-            ThreadPoolExecutor(threads, thread_name_prefix="cogfun-read") if threads else None
-        )
+        self._pool = None
+        if threads:
+            # A thread's CUDA calls go to device 0 unless told otherwise: pinning there from
+            # rank 3's threads would open a context (~0.5 GB) on GPU 0. torch's own pin-memory
+            # thread sets the device the same way.
+            init = {"initializer": _use_device, "initargs": (device,)} if device is not None else {}
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cogfun-read", **init)
         weakref.finalize(self, _shutdown, self._pool, self._pending)
 
     def __len__(self) -> int:
@@ -114,6 +120,10 @@ def _read(dataset: Any, pin: bool, batch: Batch) -> dict[str, Any]:
     if pin:
         out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
     return out
+
+
+def _use_device(index: int) -> None:
+    torch.cuda.set_device(index)
 
 
 def _shutdown(pool: ThreadPoolExecutor | None, pending: deque[Future]) -> None:
