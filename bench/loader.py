@@ -5,8 +5,8 @@
 
 Figures (one `name: value` line each, BENCHMARKS.md):
 - `loader_vs_raw_read`: samples/s of `make_dataloader` (default reader threads, batched reads,
-  checksums) over one epoch, divided by samples/s of one tight single-process loop that reads each sample's arrays with
-  zarr and turns the uint16 bits into bf16 tensors. Both read the same store, alternated `--repeats`
+  checksums) over one epoch, divided by samples/s of one tight single-process loop that reads
+  each sample's arrays with zarr and turns the uint16 bits into bf16 tensors. Both read the same store, alternated `--repeats`
   times after a warm-up pass (page cache warm for both); medians are reported, with the spread.
   `loader_samples_per_s_processes` is the same loader with worker processes, alternated with it.
 - `real2b_samples_per_s` (and `_processes`, `real2b_mb_per_s`): the loader over `--real-samples`

@@ -49,14 +49,55 @@ class BatchStream:
             epoch, done = epoch + 1, 0
 
 
-class EpochLoader(DataLoader):
-    """A DataLoader over a `BucketBatchSampler` whose every pass is one epoch (the sampler's
-    `set_epoch` / `set_position` say which, and from where), drawn from one endless stream.
+class EpochPasses:
+    """What both training loaders share: every pass over the loader is one epoch of
+    `self.batches` (the sampler's `set_epoch` / `set_position` say which, and from where), drawn
+    from one endless stream. A pass that continues exactly where the last one stopped (the loop's
+    `set_epoch(e + 1)` after a full epoch, or `set_position` at the point reached) takes the
+    batches already read ahead; any other position restarts the stream there. A read that fails
+    (or is interrupted) ends the stream, so a later pass starts it afresh where it should.
 
-    A pass that continues exactly where the last one stopped (the loop's `set_epoch(e + 1)` after
-    a full epoch, or `set_position` at the point reached) takes the batches already prefetched;
-    any other position restarts the stream there. Items pass through `pack_batch` in the worker
-    and `unpack_batch` here.
+    A loader keeps `_next` (the (epoch, batches done) its stream yields next, or None) and says
+    how to `_restart(start)` the stream, `_take()` its next batch and `_drop()` it."""
+
+    batches: BucketBatchSampler
+    _next: tuple[int, int] | None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._epoch()
+
+    def _restart(self, start: tuple[int, int]) -> None:
+        raise NotImplementedError
+
+    def _take(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+    def _epoch(self) -> Iterator[dict[str, Any]]:
+        s = self.batches
+        want, s._skip = (s.epoch, s._skip), 0  # the skip is spent, as the sampler's own pass does
+        if self._next != want:  # None: no stream running
+            self._restart(want)
+        epoch, done = want
+        while done < len(s):
+            try:
+                batch = self._take()
+            except BaseException:
+                self._drop()
+                raise
+            done += 1
+            self._next = (epoch, done) if done < len(s) else (epoch + 1, 0)
+            yield batch
+
+
+class EpochLoader(EpochPasses, DataLoader):
+    """A DataLoader over a `BucketBatchSampler` with worker processes, whose every pass is one
+    epoch (`EpochPasses`). Items pass through `pack_batch` in the worker and `unpack_batch` here.
     """
 
     def __init__(
@@ -68,11 +109,10 @@ class EpochLoader(DataLoader):
         self._live: list[_Receiver | None] = [None]  # a holder the finalizer below can see
         self._next: tuple[int, int] | None = None  # (epoch, batches done) the stream yields next
         pack = partial(pack_batch, as_tensor=bool(kwargs.get("pin_memory")))
-        super().__init__(dataset, batch_size=None, sampler=self._stream, collate_fn=pack, **kwargs)
+        DataLoader.__init__(
+            self, dataset, batch_size=None, sampler=self._stream, collate_fn=pack, **kwargs
+        )
         weakref.finalize(self, _stop_receiver, self._live)  # a dropped loader ends its thread
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
     def _end_workers(self) -> None:
         """Shut the workers down now (a new pass starts new ones). Left to garbage collection
@@ -82,30 +122,20 @@ class EpochLoader(DataLoader):
             it._shutdown_workers()
             self._iterator = None
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self._epoch()
+    def _restart(self, start: tuple[int, int]) -> None:
+        if self._live[0] is not None:
+            self._live[0].stop()  # joined before the workers' iterator is reset under it
+        self._stream.start = start
+        self._live[0] = _Receiver(DataLoader.__iter__(self), self.ahead)
 
-    def _epoch(self) -> Iterator[dict[str, Any]]:
-        s = self.batches
-        want, s._skip = (s.epoch, s._skip), 0  # the skip is spent, as the sampler's own pass does
-        live = self._live[0]
-        if live is None or self._next != want:
-            if live is not None:
-                live.stop()  # joined before the workers' iterator is reset under it
-            self._stream.start = want
-            live = self._live[0] = _Receiver(super().__iter__(), self.ahead)
-        epoch, done = want
-        while done < len(s):
-            try:
-                packed = next(live)
-            except Exception:  # a failed read ends the stream: a later pass starts it afresh
-                live.stop()
-                self._live[0], self._next = None, None
-                self._end_workers()
-                raise
-            done += 1
-            self._next = (epoch, done) if done < len(s) else (epoch + 1, 0)
-            yield unpack_batch(packed)
+    def _take(self) -> dict[str, Any]:
+        return unpack_batch(next(self._live[0]))
+
+    def _drop(self) -> None:
+        if self._live[0] is not None:
+            self._live[0].stop()
+        self._live[0], self._next = None, None
+        self._end_workers()
 
 
 # ---- receiving batches on a background thread ----

@@ -11,12 +11,10 @@ as DataLoader worker processes without what the processes cost:
   the training process (0.5-3 ms of its time a batch, `data_wait_fraction` 0.026 with the tiny
   model); a batch from a thread is a finished tensor in this process's memory.
 
-`ThreadLoader` has `EpochLoader`'s behaviour: every pass is one epoch of the sampler
-(`set_epoch` / `set_position` say which and from where), drawn from one endless stream that
-prefetches across epoch ends; a pass that continues where the last stopped keeps what was read
-ahead, any other position restarts the stream there. Batches come out in the sampler's order,
-whatever order the threads finish in. A failed read raises the reader's own exception (a
-`DamagedSample` names the sample) and ends the stream; the next pass starts it afresh.
+`ThreadLoader` passes over epochs as `EpochLoader` does (`EpochPasses`: one endless stream,
+read ahead across epoch ends, restarted wherever a pass does not continue it). Batches come out in
+the sampler's order, whatever order the threads finish in. A failed read raises the reader's own
+exception (a `DamagedSample` names the sample) and ends the stream; the next pass starts it afresh.
 
 On CUDA the threads also pin each batch's memory, so the training step's
 `.to(device, non_blocking=True)` copies overlap the step instead of blocking it; they work on the
@@ -32,13 +30,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
-from cogfun.train.prefetch import BatchStream
+from cogfun.train.prefetch import BatchStream, EpochPasses
 
 if TYPE_CHECKING:
     from cogfun.train.data import Batch, BucketBatchSampler
 
 
-class ThreadLoader:
+class ThreadLoader(EpochPasses):
     """Batches of `batches` (a `BucketBatchSampler`) read as `dataset[batch]` on `threads`
     threads, at most `ahead` batches ahead of the consumer (threads 0: read inline, nothing ahead).
     """
@@ -71,28 +69,6 @@ class ThreadLoader:
             init = {"initializer": _use_device, "initargs": (device,)} if device is not None else {}
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cogfun-read", **init)
         weakref.finalize(self, _shutdown, self._pool, self._pending)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self._epoch()
-
-    def _epoch(self) -> Iterator[dict[str, Any]]:
-        s = self.batches
-        want, s._skip = (s.epoch, s._skip), 0  # the skip is spent, as the sampler's own pass does
-        if self._source is None or self._next != want:
-            self._restart(want)
-        epoch, done = want
-        while done < len(s):
-            try:
-                batch = self._take()
-            except BaseException:  # a failed read ends the stream: a later pass starts afresh
-                self._drop()
-                raise
-            done += 1
-            self._next = (epoch, done) if done < len(s) else (epoch + 1, 0)
-            yield batch
 
     def _restart(self, start: tuple[int, int]) -> None:
         self._drop()
