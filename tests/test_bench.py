@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -211,3 +212,16 @@ def test_write_proportional_model_loads_through_cogfun(tmp_path):
     assert load_text_encoder(folder).config.num_layers == 24
     ids = load_tokenizer(folder)(["a dog running"], max_length=15, padding="max_length").input_ids
     assert len(ids[0]) == 15
+
+
+@pytest.mark.slow
+def test_trainer_wait_bench_runs_cogfun_train_on_both_backends(tmp_path):
+    fig = _run(
+        "trainer_wait.py", "--workdir", str(tmp_path), "--steps", "6", "--skip", "2",
+        "--workers", "2", "--threads", "1", timeout=600,
+    )  # fmt: skip
+    for backend in ("threads", "processes"):
+        assert 0 <= float(fig[f"trainer_wait_fraction_{backend}_t1"]) < 1
+        assert float(fig[f"trainer_wait_ms_{backend}_t1"]) >= 0
+        rows = tmp_path / f"run_{backend}_t1_{0 if backend == 'threads' else 1}" / "metrics.jsonl"
+        assert [json.loads(r)["step"] for r in rows.read_text().splitlines()] == list(range(1, 7))
