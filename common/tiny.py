@@ -8,7 +8,9 @@ the demo load it through the same code as a real model:
 
 Only the widths are small. The transformer keeps the real 2b sin-cos base grid (60x90 latent, 49
 frames -> 13x30x45 patches) so the Fun positional interpolation is exercised; the VAE keeps the real
-8x spatial / 4x temporal compression and 16 latent channels. Same seed, same bytes: every part's
+8x spatial / 4x temporal compression and 16 latent channels. `v15-5b-inp` is the CogVideoX-Fun V1.5
+layout (`patch_size_t` 2, rotary, head dim 64, 300x300 latent cap, `add_noise_in_inpaint_model`
+true) with the 5b-family VAE scaling 0.7. Same seed, same bytes: every part's
 weights come from a seed derived from (seed, part), and every JSON is written with sorted keys.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("2b-inp", "2b", "5b-inp")
+VARIANTS = ("2b-inp", "2b", "5b-inp", "v15-5b-inp")
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -37,15 +39,33 @@ class _Variant:
     in_channels: int  # 33 = 16 noisy + 1 mask + 16 masked-video latents (inpaint); 16 plain
     rotary: bool  # 5b uses RoPE; 2b a fixed sin-cos table
     vae_scaling: float
-    snr_shift_scale: (
-        float  # in the shipped scheduler JSON; DDPMScheduler ignores it (REFERENCE §8.1)
-    )
+    # In the shipped scheduler JSON; DDPMScheduler ignores it (tests/golden/README.md section 9).
+    snr_shift_scale: float
+    # CogVideoX 1.5 fields (tests/golden/README.md section 11); the defaults are the 1.0 layout.
+    patch_size_t: int | None = None
+    head_dim: int = 16
+    time_embed_dim: int = 32
+    sample_hwf: tuple[int, int, int] = (60, 90, 49)  # latent height, latent width, pixel frames
+    add_noise_in_inpaint_model: bool = False
 
 
 _VARIANTS: dict[str, _Variant] = {
     "2b-inp": _Variant(in_channels=33, rotary=False, vae_scaling=1.15258426, snr_shift_scale=3.0),
     "2b": _Variant(in_channels=16, rotary=False, vae_scaling=1.15258426, snr_shift_scale=3.0),
     "5b-inp": _Variant(in_channels=33, rotary=True, vae_scaling=0.7, snr_shift_scale=1.0),
+    # Mirrors golden/transformer_v15_inp: a Linear patch embed over 2 latent frames, a real head dim
+    # of 64 (RoPE split 16:24:24) and the 300x300 latent cap of the shipped V1.5 config.
+    "v15-5b-inp": _Variant(
+        in_channels=33,
+        rotary=True,
+        vae_scaling=0.7,
+        snr_shift_scale=1.0,
+        patch_size_t=2,
+        head_dim=64,
+        time_embed_dim=16,
+        sample_hwf=(300, 300, 81),
+        add_noise_in_inpaint_model=True,
+    ),
 }
 assert tuple(_VARIANTS) == VARIANTS
 
@@ -147,24 +167,26 @@ def _write_text_encoder(folder: Path, vocab_size: int, seed: int) -> None:
 
 
 def _transformer_config(spec: _Variant) -> dict:
-    # Mirrors golden/transformer_2b_inp/config.json: real 2b layout, tiny widths.
+    # Mirrors golden/transformer_2b_inp/config.json: real 2b layout, tiny widths (the V1.5 variant:
+    # golden/transformer_v15_inp/config.json).
+    sample_height, sample_width, sample_frames = spec.sample_hwf
     return dict(
         num_attention_heads=2,
-        attention_head_dim=16,
+        attention_head_dim=spec.head_dim,
         in_channels=spec.in_channels,
         out_channels=16,
         flip_sin_to_cos=True,
         freq_shift=0,
-        time_embed_dim=32,
+        time_embed_dim=spec.time_embed_dim,
         text_embed_dim=T5_D_MODEL,
         num_layers=2,
         dropout=0.0,
         attention_bias=True,
-        sample_width=90,
-        sample_height=60,
-        sample_frames=49,
+        sample_width=sample_width,
+        sample_height=sample_height,
+        sample_frames=sample_frames,
         patch_size=2,
-        patch_size_t=None,
+        patch_size_t=spec.patch_size_t,
         temporal_compression_ratio=4,
         max_text_seq_length=MAX_TEXT_LEN,
         activation_fn="gelu-approximate",
@@ -175,7 +197,8 @@ def _transformer_config(spec: _Variant) -> dict:
         temporal_interpolation_scale=1.0,
         use_rotary_positional_embeddings=spec.rotary,
         use_learned_positional_embeddings=False,
-        patch_bias=True,
+        # V1.5 ships false; its Linear patch embed has a bias either way.
+        patch_bias=spec.patch_size_t is None,
     )
 
 
@@ -185,9 +208,9 @@ def _write_transformer(folder: Path, spec: _Variant, seed: int) -> None:
     with _seeded(seed, "transformer"):
         model = CogVideoXTransformer3DModel(**_transformer_config(spec))
     model.save_pretrained(str(folder))
-    # Real Fun checkpoints carry this key (V1.1); plain diffusers ignores it with a warning.
+    # Real Fun checkpoints carry this key (true from V1.1); plain diffusers ignores it with a warning.
     config = json.loads((folder / "config.json").read_text())
-    config["add_noise_in_inpaint_model"] = False
+    config["add_noise_in_inpaint_model"] = spec.add_noise_in_inpaint_model
     _write_json(folder / "config.json", config)
 
 

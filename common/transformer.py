@@ -1,7 +1,8 @@
 """The CogVideoX-Fun transformer on top of diffusers' `CogVideoXTransformer3DModel`.
 
-Diffusers' class has the same layers and parameter names as the Fun transformer; two behaviours differ
-and are installed here (REFERENCE.md §8.6, §9.1):
+Diffusers' class has the same layers and parameter names as the Fun transformer, including the
+CogVideoX 1.5 (`patch_size_t`) Linear patch embed with its (c, t, y, x) input order. What differs is
+installed here (tests/golden/README.md sections 4, 8, 10 and 11):
 
 - **2b positional table.** For non-rotary configs the Fun forward takes the sin-cos table built once for
   the base grid (13 latent frames x 30 x 45 patches), resizes it trilinearly (`align_corners=False`,
@@ -12,8 +13,9 @@ and are installed here (REFERENCE.md §8.6, §9.1):
 - **Input channels.** A checkpoint with fewer patch-embed input channels than asked (a 16-channel T2V
   model starting a 33-channel inpaint run) keeps its weights on the overlapping channels and starts the
   extra ones at zero.
-
-5b-style (rotary) configs use RoPE over a crop of the base 30x45 patch grid (`rotary_embedding`).
+- **Rotary positions** (5b, V1.5) are the original's grids, not diffusers' (`cogfun.common.rope`).
+- **One latent frame on a `patch_size_t` 2 model** (an image on V1.5) gets an all-zero second frame
+  before the forward, and only frame 0 of the output is kept, as the original's forward does.
 
     transformer = load_transformer("models/CogVideoX-Fun-2b-InP", dtype=torch.float32)
     pred = transformer_forward(transformer, noisy_latents, prompt_embeds, timesteps, inpaint_latents)
@@ -29,27 +31,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cogfun.common.rope import cfg_value as _cfg
+from cogfun.common.rope import rotary_embedding
 from diffusers import CogVideoXTransformer3DModel
-from diffusers.models.embeddings import (
-    CogVideoXPatchEmbed,
-    get_3d_rotary_pos_embed,
-    get_3d_sincos_pos_embed,
-)
+from diffusers.models.embeddings import CogVideoXPatchEmbed, get_3d_sincos_pos_embed
 from torch import Tensor, nn
 
+__all__ = [
+    "FunPatchEmbed",
+    "fun_pos_embedding",
+    "install_fun_positions",
+    "load_transformer",
+    "rotary_embedding",
+    "transformer_forward",
+]
+
 logger = logging.getLogger(__name__)
-
-# The original builds RoPE positions against a fixed 480x720-pixel base (8x VAE, then patches), not
-# against the config's sample size.
-_ROPE_BASE_PIXELS = (480, 720)
-_VAE_SPATIAL = 8
-
-
-def _cfg(config: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:
-    """Read `key` from a config dict, a diffusers FrozenDict or any object with attributes."""
-    if isinstance(config, Mapping):
-        return config.get(key, default)
-    return getattr(config, key, default)
 
 
 def _base_grid(config: Mapping[str, Any] | Any) -> tuple[int, int, int]:
@@ -160,33 +157,46 @@ def _transformer_dir(path: str | Path) -> Path:
 
 
 def _resize_in_channels(transformer: CogVideoXTransformer3DModel, in_channels: int) -> None:
-    """Resize patch-embed input channels as `from_pretrained_2d` does (REFERENCE §9.1).
+    """Resize patch-embed input channels as the original's `from_pretrained_2d` does.
 
     Extra channels start at zero so the model's output is unchanged at step 0; fewer channels keep
-    the first ones.
+    the first ones. The V1.5 Linear patch embed reads each token's inputs in (c, t, y, x) order with
+    c slowest, so its weight is resized per channel the same way.
     """
-    proj = transformer.patch_embed.proj
-    if not isinstance(proj, nn.Conv2d):
-        raise ValueError(
-            "changing in_channels is only supported for CogVideoX 1.0 (Conv2d patch embed)"
+    embed = transformer.patch_embed
+    proj = embed.proj
+    old = proj.weight  # Conv2d: (D, C_old, p, p); Linear: (D, C_old * p_t * p * p)
+    if isinstance(proj, nn.Conv2d):
+        new = nn.Conv2d(
+            in_channels,
+            proj.out_channels,
+            kernel_size=proj.kernel_size,
+            stride=proj.stride,
+            bias=proj.bias is not None,
+            device=old.device,
+            dtype=old.dtype,
         )
-    old = proj.weight  # (D, C_old, p, p)
-    new = nn.Conv2d(
-        in_channels,
-        proj.out_channels,
-        kernel_size=proj.kernel_size,
-        stride=proj.stride,
-        bias=proj.bias is not None,
-        device=old.device,
-        dtype=old.dtype,
-    )
-    keep = min(in_channels, old.shape[1])
+        per_channel = old[:, :, None]  # (D, C_old, 1, p, p)
+    elif isinstance(proj, nn.Linear):
+        per_token = embed.patch_size_t * embed.patch_size**2
+        new = nn.Linear(
+            in_channels * per_token,
+            proj.out_features,
+            bias=proj.bias is not None,
+            device=old.device,
+            dtype=old.dtype,
+        )
+        per_channel = old.reshape(old.shape[0], -1, per_token)  # (D, C_old, p_t * p * p)
+    else:
+        raise ValueError(f"cannot change in_channels of a {type(proj).__name__} patch embed")
+    keep = min(in_channels, per_channel.shape[1])
     with torch.no_grad():
-        new.weight.zero_()
-        new.weight[:, :keep] = old[:, :keep]
+        weight = per_channel.new_zeros(per_channel.shape[0], in_channels, *per_channel.shape[2:])
+        weight[:, :keep] = per_channel[:, :keep]
+        new.weight.copy_(weight.reshape(new.weight.shape))
         if proj.bias is not None:
             new.bias.copy_(proj.bias)
-    transformer.patch_embed.proj = new
+    embed.proj = new
     transformer.register_to_config(in_channels=in_channels)
 
 
@@ -228,9 +238,11 @@ def load_transformer(
     transformer.add_noise_in_inpaint_model = bool(
         transformer.config.get("add_noise_in_inpaint_model", False)
     )
-    if transformer.config.get("patch_size_t") is not None:
+    patch_t = transformer.config.get("patch_size_t")
+    if patch_t is not None and not transformer.config.get("use_rotary_positional_embeddings"):
         raise ValueError(
-            f"{folder}: patch_size_t is set (CogVideoX 1.5); cogfun trains CogVideoX-Fun 2b/5b only"
+            f"{folder}: patch_size_t {patch_t} (CogVideoX 1.5 layout) without "
+            "use_rotary_positional_embeddings is not a CogVideoX(-Fun) configuration"
         )
     current = transformer.patch_embed.proj.weight.shape[1]
     if in_channels is not None and in_channels != current:
@@ -238,53 +250,6 @@ def load_transformer(
         _resize_in_channels(transformer, in_channels)
     install_fun_positions(transformer)
     return transformer
-
-
-def _rope_crop(
-    grid: tuple[int, int], base_rows: int, base_cols: int
-) -> tuple[tuple[int, int], ...]:
-    """Corners of the region, inside the base grid, that the (rows, cols) grid is stretched over.
-
-    The grid is scaled to fit the base grid with its aspect kept and centred, so its positions are
-    the same fractions of the base range whatever the resolution (diffusers calls this
-    `get_resize_crop_region_for_grid`).
-    """
-    rows, cols = grid
-    if rows / cols > base_rows / base_cols:
-        fit_rows, fit_cols = base_rows, int(round(base_rows / rows * cols))
-    else:
-        fit_rows, fit_cols = int(round(base_cols / cols * rows)), base_cols
-    top = int(round((base_rows - fit_rows) / 2.0))
-    left = int(round((base_cols - fit_cols) / 2.0))
-    return (top, left), (top + fit_rows, left + fit_cols)
-
-
-def rotary_embedding(
-    transformer_config: Mapping[str, Any] | Any,
-    F_lat: int,
-    h: int,
-    w: int,
-    device: torch.device | str | None = None,
-) -> tuple[Tensor, Tensor] | None:
-    """RoPE (cos, sin), each (F_lat*(h/2)*(w/2), head_dim), for rotary configs; None otherwise.
-
-    Temporal positions are 0..F_lat-1; spatial positions span the crop of the base 30x45 patch grid
-    from `_rope_crop` (REFERENCE §8.6).
-    """
-    if not _cfg(transformer_config, "use_rotary_positional_embeddings", False):
-        return None
-    patch = _cfg(transformer_config, "patch_size", 2)
-    rows, cols = h // patch, w // patch
-    base_rows, base_cols = (side // (_VAE_SPATIAL * patch) for side in _ROPE_BASE_PIXELS)
-    cos, sin = get_3d_rotary_pos_embed(
-        embed_dim=_cfg(transformer_config, "attention_head_dim"),
-        crops_coords=_rope_crop((rows, cols), base_rows, base_cols),
-        grid_size=(rows, cols),
-        temporal_size=F_lat,
-        use_real=True,
-        device=device,
-    )
-    return cos, sin
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -309,6 +274,8 @@ def transformer_forward(
 
     `transformer` may be wrapped (DDP, DeepSpeed); the wrapper is what gets called. Inputs are cast
     to the model's parameter dtype; under autocast the fp32 model receives fp32 inputs.
+    On a `patch_size_t` model, one latent frame is padded with zero frames (noisy and inpaint alike)
+    and only frame 0 comes back; other frame counts must be multiples of `patch_size_t`.
     """
     core = _unwrap(transformer)
     hidden = noisy_latents
@@ -323,11 +290,24 @@ def transformer_forward(
             f"{0 if inpaint_latents is None else inpaint_latents.shape[2]} inpaint): "
             "inpaint models (33) need inpaint_latents, normal models (16) must not get them"
         )
+    patch_t = core.config.patch_size_t
+    padded = patch_t is not None and frames % patch_t != 0
+    if padded:
+        if frames != 1:
+            raise ValueError(
+                f"{frames} latent frames cannot be patched by this model (patch_size_t "
+                f"{patch_t}): only a single frame (an image) is padded; videos need a multiple "
+                f"of {patch_t} latent frames, as the original's training clips them"
+            )
+        # Padding the concatenated input pads noisy and inpaint latents alike, with zeros.
+        pad = hidden.new_zeros(hidden.shape[0], patch_t - 1, *hidden.shape[2:])
+        hidden = torch.cat([hidden, pad], dim=1)
     rope = rotary_embedding(core.config, frames, height, width, device=hidden.device)
-    return transformer(
+    out = transformer(
         hidden_states=hidden.to(core.dtype),
         encoder_hidden_states=prompt_embeds.to(core.dtype),
         timestep=timesteps,
         image_rotary_emb=rope,
         return_dict=False,
     )[0]
+    return out[:, :frames] if padded else out

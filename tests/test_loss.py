@@ -19,6 +19,7 @@ from cogfun.train.loss import (
     sample_posterior,
 )
 from diffusers import CogVideoXTransformer3DModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 CASES = ["f3_h8w8", "f13_h8w12", "f1_h16w16"]
@@ -93,6 +94,83 @@ def test_compute_loss_matches_original(model, scheduler, golden_dir, name):
         )
     else:  # one latent frame: the motion term does not apply
         assert case["x0"].shape[1] <= 2 and motion.loss == out.loss
+
+
+# 5b (rotary, off-origin crops) and V1.5 (patch_size_t 2) cases: tests/golden/README.md §10, §11.
+ROTARY_CASES = [
+    "5b_f3_h8w8",
+    "5b_f5_h12w8",
+    "5b_f1_h16w16",
+    "5b_f2_h8w12",
+    "v15_f4_h8w12",
+    "v15_f2_h12w8",
+    "v15_f1_h8w8",
+]
+
+
+@pytest.mark.parametrize("name", ROTARY_CASES)
+def test_compute_loss_matches_original_rotary(golden_dir, name):
+    """Called exactly as the 2b cases, with the model and scheduler the case's metadata names."""
+    path = golden_dir / f"loss_case_{name}.safetensors"
+    case = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    model = load_transformer(golden_dir / meta["transformer"], dtype=torch.float32)
+    scheduler = load_noise_scheduler(golden_dir / meta["scheduler"])
+    assert float(meta["scaling_factor"]) == 0.7
+    inpaint = build_inpaint_latents(
+        case["mask_latent"], case["masked_video_latents"], case["t2v_flag"], 0.7
+    )
+    torch.testing.assert_close(inpaint, case["inpaint_latents"], atol=1e-6, rtol=0)
+    batch = {
+        "latents": case["x0"],
+        "prompt_embeds": case["prompt_embeds"],
+        "inpaint_latents": inpaint,
+    }
+    with torch.no_grad():
+        out = compute_loss(
+            model, batch, scheduler, noise=case["noise"], timesteps=case["timesteps"]
+        )
+        motion = compute_loss(
+            model,
+            batch,
+            scheduler,
+            noise=case["noise"],
+            timesteps=case["timesteps"],
+            motion_sub_loss=True,
+            motion_sub_loss_ratio=0.25,
+        )
+    torch.testing.assert_close(out.noisy_latents, case["noisy_latents"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.target, case["target"], atol=1e-6, rtol=0)
+    assert out.model_pred.shape == case["model_pred"].shape == case["x0"].shape
+    torch.testing.assert_close(out.model_pred, case["model_pred"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, case["loss"], rtol=1e-5, atol=0)
+    if "loss_with_motion_sub_0p25" in case:
+        torch.testing.assert_close(
+            motion.loss, case["loss_with_motion_sub_0p25"], rtol=1e-5, atol=0
+        )
+    else:
+        assert case["x0"].shape[1] <= 2 and motion.loss == out.loss
+
+
+def test_v15_image_prediction_is_the_real_frame_only(golden_dir):
+    """An image on V1.5 is padded to two latent frames inside the forward; frame 0 comes back."""
+    case = load_file(golden_dir / "loss_case_v15_f1_h8w8.safetensors")
+    model = load_transformer(golden_dir / "transformer_v15_inp")
+    scheduler = load_noise_scheduler(golden_dir / "scheduler_5b")
+    batch = {
+        "latents": case["x0"],
+        "prompt_embeds": case["prompt_embeds"],
+        "inpaint_latents": case["inpaint_latents"],
+    }
+    with torch.no_grad():
+        out = compute_loss(
+            model, batch, scheduler, noise=case["noise"], timesteps=case["timesteps"]
+        )
+    assert out.model_pred.shape == (3, 1, 16, 8, 8)
+    expected = torch.nn.functional.mse_loss(out.model_pred, case["target"])
+    assert out.loss == expected
+    torch.testing.assert_close(out.loss, case["loss"], rtol=1e-5, atol=0)
 
 
 def test_compute_loss_independent_recomputation(model, golden_dir):

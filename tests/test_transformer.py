@@ -1,4 +1,7 @@
-"""cogfun.common.transformer against the original CogVideoX-Fun goldens (tests/golden/README.md §1, §4, §8)."""
+"""cogfun.common.transformer against the original CogVideoX-Fun goldens (golden README §1-8).
+
+The rotary (5b) and V1.5 cases are in test_transformer_rotary.py.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cogfun.common.rope import rope_crop
 from cogfun.common.transformer import (
     FunPatchEmbed,
     fun_pos_embedding,
@@ -242,10 +246,9 @@ def test_rotary_none_for_2b(golden_model):
 
 @pytest.mark.parametrize("grid", [(30, 45), (4, 6), (8, 8), (16, 24), (24, 8), (1, 45)])
 def test_rope_crop_region_matches_diffusers(grid):
-    from cogfun.common.transformer import _rope_crop
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
-    assert _rope_crop(grid, 30, 45) == get_resize_crop_region_for_grid(grid, 45, 30)
+    assert rope_crop(grid, 30, 45) == get_resize_crop_region_for_grid(grid, 45, 30)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
