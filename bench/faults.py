@@ -276,7 +276,8 @@ def train_kills(tr: Train, rng: random.Random, timed: int, writes: int, publishe
         )
         tr.settle(row, out, "timed kill" if killed else "finished first")
         log(f"{row.scenario}: {delay:.2f} s into training, killed={killed}")
-    files = 4  # checkpoint files counted per checkpoint: optimizer, scheduler, RNG, weights
+    # checkpoint files counted per checkpoint: optimizer, scheduler, RNG, weights (bf16), fp32 masters
+    files = 5
     faults = [f"ckpt-write:{rng.randint(1, files * (tr.checkpoints - 1))}" for _ in range(writes)]
     faults += [f"ckpt-publish:{rng.randint(1, tr.checkpoints - 1)}" for _ in range(publishes)]
     for fault in faults:

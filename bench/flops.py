@@ -8,7 +8,7 @@ FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-
 convolutions and attention only) on the meta device: no weights are allocated and nothing is
 computed, so even the real 1.7 B transformer and the real VAE at 49x512x512 count in seconds.
 
-Figures (one `name: value` line each, BENCHMARKS.md):
+Figures (one `name: value` line each, defined in docs/performance.md):
 - `cost_ratio_t5`, `cost_ratio_transformer`: T5 forward and transformer forward FLOPs per sample
   divided by one VAE encode (the real 2b-InP: 0.019 and 0.69; goal: within 2x of those);
 - `online_compute_ratio`: FLOPs of the original's online step (two VAE encodes, T5, transformer

@@ -3,7 +3,7 @@
     python bench/loader.py                      # builds its stores under the temp dir, prints figures
     python bench/loader.py --workdir W --workers 2 --repeats 3
 
-Figures (one `name: value` line each, BENCHMARKS.md):
+Figures (one `name: value` line each, defined in docs/performance.md):
 - `loader_vs_raw_read`: samples/s of `make_dataloader` (default reader threads, batched reads,
   checksums) over one epoch, divided by samples/s of one tight single-process loop that reads
   each sample's arrays with zarr and turns the uint16 bits into bf16 tensors. Both read the same store, alternated `--repeats`

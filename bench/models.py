@@ -3,7 +3,7 @@
 A tiny model makes every stage nearly free, so its timings say nothing about where a real run spends
 its time. This model scales every width and token/voxel count of the real 2b-InP by about 1/15, so
 the per-sample forward costs VAE (one encode) : T5 : transformer stay near the real 1 : 0.019 : 0.69
-(/work/shared/BENCHMARKS.md; `bench/flops.py` measures them):
+(docs/performance.md, "The proportional benchmark model"; `bench/flops.py` measures them):
 
     transformer  30 layers, 2 heads x 64, time_embed_dim 32, text_embed_dim 256, 15 text tokens,
                  in 33 / out 16, patch 2, no rotary, sample 60x90x49             (~7.55 M params)
@@ -29,7 +29,7 @@ PROPORTIONAL_TEXT_LEN = 15  # T5 tokens, also the transformer's max_text_seq_len
 PROPORTIONAL_T5 = dict(d_model=256, d_kv=64, num_heads=4, d_ff=640, num_layers=24)
 VAE_SCALING_2B = 1.15258426
 
-# The real CogVideoX-Fun-2b-InP transformer (REFERENCE.md §11).
+# The real CogVideoX-Fun-2b-InP transformer (transformer/config.json of the released model).
 REAL_2B_TRANSFORMER = dict(
     num_attention_heads=30,
     attention_head_dim=64,
@@ -60,7 +60,8 @@ REAL_2B_TRANSFORMER = dict(
     patch_bias=True,
 )
 
-# The real 2b VAE (REFERENCE.md §5, §11); the rest are AutoencoderKLCogVideoX defaults.
+# The real 2b VAE (vae/config.json of the released model); the rest are AutoencoderKLCogVideoX
+# defaults.
 REAL_2B_VAE = dict(
     block_out_channels=(128, 256, 256, 512),
     layers_per_block=3,

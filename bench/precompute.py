@@ -1,6 +1,6 @@
 """Precompute throughput: samples/s, where the time goes, and how much the stages overlap.
 
-    python bench/precompute.py                    # proportional model (BENCHMARKS.md), ~2 min
+    python bench/precompute.py                    # proportional model (docs/performance.md), ~2 min
     python bench/precompute.py --model tiny --videos 16 --masks 4 --threads 2 --workers 2
 
 It builds its own model and media in a temporary folder, then encodes the same dataset twice:
@@ -41,14 +41,17 @@ SCALING_2B = 1.15258426
 
 
 def write_proportional_model(out: Path) -> Path:
-    """The VAE, T5 and tokenizer of BENCHMARKS.md's proportional model (the real 2b scaled so
-    per-sample costs keep the real VAE : T5 ratio). The transformer is not needed here."""
+    """The VAE, T5 and tokenizer of the proportional model (docs/performance.md: the real 2b
+    scaled so per-sample costs keep the real VAE : T5 ratio). Of the transformer only its config.json is
+    needed (precompute reads it, never its weights): the tiny 2b-InP one."""
     from diffusers import AutoencoderKLCogVideoX
     from transformers import T5Config, T5EncoderModel
 
     tiny = write_tiny_model(out / "_tiny")
     shutil.copytree(tiny / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     shutil.copy(tiny / "model_index.json", out / "model_index.json")
+    (out / "transformer").mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny / "transformer" / "config.json", out / "transformer" / "config.json")
     vocab = json.loads((tiny / "text_encoder" / "config.json").read_text())["vocab_size"]
     shutil.rmtree(tiny)
     torch.manual_seed(0)
@@ -111,8 +114,8 @@ def main() -> None:
             model = write_tiny_model(work / "model")
         else:
             model = write_proportional_model(work / "model")
-        # BENCHMARKS.md: 49-frame clips, stride 3, bucket base 128, 15 text tokens. Sources are
-        # larger than the bucket (decoded full size, then resized), as real clips are.
+        # docs/performance.md: 49-frame clips, stride 3, bucket base 128, 15 text tokens. Sources
+        # are larger than the bucket (decoded full size, then resized), as real clips are.
         height, width = (int(v) for v in args.source.split("x"))
         data = write_dataset(work / "data", args.videos, args.images, height, width, args.frames)
         base = dict(

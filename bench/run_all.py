@@ -6,9 +6,9 @@
 
 Each benchmark runs as its own subprocess (`bench/<name>.py`), one after another, so one's
 memory, threads and worker processes never touch another's; run_all parses the `name: value`
-lines each prints (BENCHMARKS.md defines the figures). Each subprocess's full output is kept under
-`--workdir` (logs/<name>.out and .err). A benchmark that fails or times out is reported as such,
-its figures as `n/a`, and the others still run; the exit code is then 1.
+lines each prints (docs/performance.md defines the figures). Each subprocess's full output is
+kept under `--workdir` (logs/<name>.out and .err). A benchmark that fails or times out is
+reported as such, its figures as `n/a`, and the others still run; the exit code is then 1.
 
 The report (`bench/perf_report.py`) replaces the generated part of `<docs>/performance.md`, between
 its `run_all` markers, so the hand-written notes around it stay; plots go beside it as PNG.
@@ -43,8 +43,9 @@ class Bench:
 
 
 def benches(threads: int) -> list[Bench]:
-    """The sub-benchmarks in run order. Sizes: BENCHMARKS.md's proportional model for timings
-    that compare stages, the tiny model where only the data path or the scaling shape matters."""
+    """The sub-benchmarks in run order. Sizes: the proportional model (docs/performance.md) for
+    timings that compare stages, the tiny model where only the data path or the scaling shape
+    matters."""
     t = ["--threads", str(threads)]
     quick_train = ["--tiny", "--clips", "1", "--frames", "5", "--size", "16", "--wait-size", "16"]
     quick_train += ["--epoch-samples", "4", "--rounds", "1", "--steps", "1", "--workers", "1"]
@@ -169,7 +170,7 @@ def collect(mode: str, logs: Path, threads: int, cuda: bool) -> tuple[dict[str, 
 
 
 def headline(figures: dict[str, str], threads: int) -> list[tuple[str, str]]:
-    """The figures of BENCHMARKS.md / issue 6, in order, with `n/a` for any not measured."""
+    """The figures docs/performance.md defines, in order, with `n/a` for any not measured."""
     out = []
     for fig in FIGURES:
         for name in fig.names(figures):

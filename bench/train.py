@@ -7,7 +7,7 @@
 Both ways train the same transformer on the same generated clips with the same step (bf16 autocast,
 gradient checkpointing, AdamW, clipping at 0.05) and the same thread count:
 
-- online (the original, REFERENCE.md §0): every step decodes a clip with decord, resizes and crops
+- online (the original's scripts/train.py): every step decodes a clip with decord, resizes and crops
   it, draws a mask, VAE-encodes the video and the masked video (posterior samples), T5-encodes the
   caption, then runs the transformer step; VAE and T5 in bf16 as the original runs them.
 - store (cogfun): the same transformer step fed by `cogfun.train.data.make_dataloader` over a store
@@ -18,12 +18,12 @@ gradient checkpointing, AdamW, clipping at 0.05) and the same thread count:
 
 The clips are generated (`--source-size`, default 1.25x the bucket edge, simple moving shapes), so
 decoding them is cheaper than decoding real 720p footage: the online way's decode share here is
-well below the ~20 % measured for the original on real clips (BENCHMARKS.md), and the speedup is
-a lower bound in that respect.
+well below the ~20 % measured for the original on real clips (docs/performance.md), and the
+speedup is a lower bound in that respect.
 
 Each way runs in its own long-lived subprocess; the parent alternates them in rounds (ABBA order,
 this machine's speed drifts) and samples each process tree's memory. Figures, one `name: value`
-line each (BENCHMARKS.md):
+line each (defined in docs/performance.md):
 
 - `online_step_ms`, `store_step_ms`: median step time (with `_min`/`_max`), warm-up excluded;
 - `train_speedup_vs_online`: online ÷ store median (`_min`/`_max`: the ratio of each round;

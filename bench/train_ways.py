@@ -1,6 +1,6 @@
 """The two ways `bench/train.py` trains, each run in its own subprocess.
 
-- online (the original, REFERENCE.md §0): every step decodes a clip with decord, resizes and crops
+- online (the original's scripts/train.py): every step decodes a clip with decord, resizes and crops
   it, draws a mask, VAE-encodes the video and the masked video (posterior samples), T5-encodes the
   caption (VAE and T5 in bf16, as the original), then runs the transformer step;
 - store (cogfun): `make_dataloader` over the store with workers (reader threads, or worker
@@ -50,7 +50,8 @@ def train_step(
 
 
 class OnlineBatches:
-    """The original's per-step data work (REFERENCE §0, §5-§7), inline (0 workers)."""
+    """The original's per-step data work (scripts/train.py's collate_fn and training step: decode,
+    mask, VAE and T5), inline (0 workers)."""
 
     def __init__(self, setup: Setup, seed: int):
         from cogfun.common import models

@@ -1,4 +1,6 @@
-"""Bucket, size and frame-count math of the original CogVideoX-Fun trainer (REFERENCE.md §2.4, §3, §4.2).
+"""Bucket, size and frame-count math of the original CogVideoX-Fun trainer (scripts/train.py's
+collate_fn and random_frame_crop, cogvideox/data/bucket_sampler.py; tests/golden/README.md
+section 6).
 
 Everything here is a pure function of numbers (plus a numpy ``Generator`` for the draws), checked
 entry by entry against ``tests/golden/buckets.json``, which the original code produced.
@@ -7,10 +9,17 @@ Vocabulary: a *frame* is a pixel frame; sizes are ``(H, W)`` in pixels; a *bucke
 a sample is resized-to-cover and center-cropped to. The original decides sizes per batch in its
 ``collate_fn``; cogfun draws the same distributions once per sample at precompute time.
 
-Choices that follow the original's *code* rather than its README (DESIGN.md):
+Choices that follow the original's *code* rather than its README (the README's numbers differ):
 - the frame budget per size is ``min(n·tok²/s², n) // 4 · 4 + 1`` (no ``−1``), so 1024 px gets 13 frames;
 - table sizes are scaled in float64 in the original's operation order, then truncated to a multiple
   of 16 (``int(v/16)*16``): at s=384 a 720×1280 video gets 288×496, not 288×504.
+
+Models with ``patch_size_t`` (CogVideoX-Fun V1.5: 2) patch latent frames in pairs.
+``BucketOptions`` carries it and every frame count passes through ``patch_frames``, as the original's
+collate_fn and ``--random_frame_crop`` do (tests/golden/README.md section 11, golden
+``frames_v15.json``): an odd latent count loses one latent frame, so 49 frames become 45 and clips
+of 2-4 frames become 1. With ``patch_size_t`` None every function here is exactly what it was
+without it.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ class BucketOptions:
     random_hw_adapt: bool = True
     training_with_video_token_length: bool = True
     random_frame_crop: bool = True
+    patch_size_t: int | None = None  # the transformer's temporal patch (V1.5: 2; None for 2b/5b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +118,8 @@ def image_downsample_choices(image_size: int, video_size: int) -> tuple[list[flo
 
 
 def image_bucket_hw(h: float, w: float, image_size: int, ratio: float = 1) -> tuple[int, int]:
-    """Bucket of an h×w image at ``image_size`` downsampled by ``ratio`` (REFERENCE §3.3)."""
+    """Bucket of an h×w image at ``image_size`` downsampled by ``ratio`` (the original's
+    collate_fn)."""
     return bucket_hw(nearest_ratio_key(h, w), image_size, ratio)
 
 
@@ -168,9 +179,39 @@ def frames_4k1(n: int) -> int:
     return max((int(n) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1, 1)
 
 
-def random_frame_crop_choices(n_frames: int) -> tuple[list[int], list[float]]:
-    """random_frame_crop values ``range(5, n+4, 4)``: 0.9 on the last, 0.1 shared by the others."""
+def patch_frames(n: int, patch_size_t: int | None) -> int:
+    """Frames a clip of ``n`` keeps for a transformer with temporal patch ``patch_size_t``.
+
+    ``frames_4k1(n)``, then, when the latent count ``(F − 1)/4 + 1`` is not a multiple of
+    ``patch_size_t``, the remainder's latent frames (4 pixel frames each) are dropped; a result
+    of 0 or less becomes 1. With 2: 49 -> 45, 9 -> 5, 2..4 -> 1 and 1 stays 1 (the forward pads a
+    one-frame input). The original's collate_fn and random_frame_crop both do this.
+    """
+    frames = frames_4k1(n)
+    if patch_size_t is None:
+        return frames
+    latent = (frames - 1) // VAE_TEMPORAL + 1
+    frames -= latent % patch_size_t * VAE_TEMPORAL
+    return frames if frames > 0 else 1
+
+
+def patchable_latent_frames(latent_frames: int, patch_size_t: int | None) -> bool:
+    """Whether a stored latent frame count fits the transformer: any count without
+    ``patch_size_t``; with it, one frame (padded inside the forward) or a multiple of it."""
+    return patch_size_t is None or latent_frames == 1 or latent_frames % patch_size_t == 0
+
+
+def random_frame_crop_choices(
+    n_frames: int, patch_size_t: int | None = None
+) -> tuple[list[int], list[float]]:
+    """random_frame_crop values ``range(5, n+4, 4)``: 0.9 on the last, 0.1 shared by the others.
+
+    With ``patch_size_t`` each candidate is passed through ``patch_frames`` after the draw's
+    probabilities are fixed, so candidates collapse in pairs (9 -> 5, 17 -> 13, ...) exactly as the
+    original clips the drawn value; the draw itself (and its RNG use) is unchanged.
+    """
     values = list(range(VAE_TEMPORAL + 1, n_frames + VAE_TEMPORAL, VAE_TEMPORAL))
+    values = [patch_frames(v, patch_size_t) for v in values]
     if len(values) <= 1:
         return values, [1.0] * len(values)
     rest = (1.0 - 0.9) / (len(values) - 1)
@@ -178,7 +219,7 @@ def random_frame_crop_choices(n_frames: int) -> tuple[list[int], list[float]]:
 
 
 def auto_tile_factor(frames: int, h: int, w: int, n_frames: int = 49, token_size: int = 512) -> int:
-    """CogVideoX-Fun's batch tiling under token-length mode (REFERENCE §4.1): ×4, ×2 or ×1."""
+    """CogVideoX-Fun's batch tiling under token-length mode (scripts/train.py): ×4, ×2 or ×1."""
     pixels = frames * h * w
     if n_frames * token_size * token_size // 16 >= pixels:
         return 4
@@ -192,18 +233,19 @@ def video_variant_for_size(
 ) -> tuple[int, int, int]:
     """(H, W, F) of a video in token-length mode at edge ``s``, before random_frame_crop.
 
-    F is the size's frame budget, cut to the frames available, then down to 4k+1.
+    F is the size's frame budget, cut to the frames available, then down to 4k+1 (and to what
+    ``opts.patch_size_t`` can patch, see ``patch_frames``).
     """
     budget = frames_for_size(s, opts.video_sample_n_frames, opts.token_sample_size)
     H, W = video_bucket_hw(h, w, s, opts.video_sample_size)
-    return H, W, frames_4k1(min(budget, n_decoded_frames))
+    return H, W, patch_frames(min(budget, n_decoded_frames), opts.patch_size_t)
 
 
 def _draw_frame_crop(frames: int, opts: BucketOptions, rng: np.random.Generator) -> int:
     """Apply random_frame_crop: keep the leading min(F, T) frames, T drawn from its choices."""
     if not opts.random_frame_crop:
         return frames
-    values, probs = random_frame_crop_choices(opts.video_sample_n_frames)
+    values, probs = random_frame_crop_choices(opts.video_sample_n_frames, opts.patch_size_t)
     crop = int(rng.choice(values, p=probs)) if values else 1
     return min(frames, crop)
 
@@ -222,7 +264,9 @@ def choose_video_variant(
     if not opts.enable_bucket:
         # The dataset's fixed transform: short side to video_sample_size, square center crop.
         H = W = opts.video_sample_size
-        frames = frames_4k1(min(n_decoded_frames, n_max))
+        # The original has no collate here, so no patch_size_t clip: its V1.5 forward would fail
+        # on the odd latent count; cogfun clips as its collate does everywhere else.
+        frames = patch_frames(min(n_decoded_frames, n_max), opts.patch_size_t)
     elif opts.random_hw_adapt and opts.training_with_video_token_length:
         ladder = size_ladder(opts.video_sample_size, opts.image_sample_size)
         s = int(rng.choice(eligible_sizes(ladder, (h + w) / 2)))
@@ -234,7 +278,7 @@ def choose_video_variant(
             ratio = float(rng.choice(values, p=probs))
         H, W = bucket_hw(nearest_ratio_key(h, w), opts.video_sample_size, ratio)
         # The original's budget here is n + 4, i.e. only the frames available limit it.
-        frames = frames_4k1(min(n_max + VAE_TEMPORAL, n_decoded_frames))
+        frames = patch_frames(min(n_max + VAE_TEMPORAL, n_decoded_frames), opts.patch_size_t)
     return H, W, _draw_frame_crop(frames, opts, rng)
 
 
@@ -257,7 +301,7 @@ def choose_image_variant(
 
 
 def cover_resize_hw(h: int, w: int, th: int, tw: int) -> tuple[int, int]:
-    """Size that covers th×tw keeping the aspect ratio, truncated as the original (REFERENCE §2.4)."""
+    """Size that covers th×tw keeping the aspect ratio, truncated as the original's collate_fn."""
     if th / h > tw / w:
         # max(): float rounding must never leave the resized side a pixel short of the crop.
         return th, max(int(w * th / h), tw)

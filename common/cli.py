@@ -11,8 +11,9 @@ from importlib.metadata import version as _dist_version
 from pathlib import Path
 
 import typer
-from cogfun.common.options import add_stage_command
-from cogfun.common.stage_flags import foreign_flags
+from cogfun.common.sample_cli import register as _register_sampling
+from cogfun.common.stage_command import add_stage_command
+from cogfun.common.stage_flags import TRAIN_STORE_SKIP, foreign_flags
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.train.config import TrainConfig
 
@@ -48,7 +49,10 @@ def _root(
 def tiny_model(
     out_dir: Path = typer.Argument(..., help="Folder to write the model into (diffusers layout)."),
     variant: str = typer.Option(
-        "2b-inp", "--variant", help="2b-inp (33 input channels), 2b (16), 5b-inp (rotary)."
+        "2b-inp",
+        "--variant",
+        help="2b-inp (33 input channels), 2b (16), 5b-inp (rotary), "
+        "v15-5b-inp (CogVideoX-Fun V1.5: patch_size_t 2, rotary).",
     ),
     seed: int = typer.Option(
         0, "--seed", help="Seed for the random weights; same seed, same bytes."
@@ -103,14 +107,18 @@ add_stage_command(
 )
 
 
-def _run_train(cfg: TrainConfig) -> None:
+def _run_train(cfg: TrainConfig, store_options: dict) -> None:
+    from cogfun.train.divergence import EXIT_DIVERGED, TrainingDiverged
     from cogfun.train.run import REFUSALS, run
 
     try:
-        run(cfg)
+        run(cfg, store_options)
     except REFUSALS as err:
         typer.echo(f"cogfun train: {err}", err=True)
         raise typer.Exit(2) from err
+    except TrainingDiverged as err:  # its own code: rerunning the same command is not the fix
+        typer.echo(f"cogfun train: {err}", err=True)
+        raise typer.Exit(EXIT_DIVERGED) from err
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -131,8 +139,11 @@ add_stage_command(
     TrainConfig,
     _run_train,
     help="Train the CogVideoX-Fun transformer on a precomputed latent store (single process, "
-    "or under `accelerate launch` for DDP / DeepSpeed ZeRO-2).",
+    "or under `accelerate launch` for DDP / DeepSpeed ZeRO-2). Given --data (--train_data_dir) "
+    "and precompute's options, it first reuses the matching store at --latents or builds it.",
     foreign=foreign_flags("train"),
+    extra_cls=PrecomputeConfig,
+    extra_skip=TRAIN_STORE_SKIP,
 )
 
 
@@ -149,6 +160,51 @@ def demo(
     from cogfun.common.demo import run_demo
 
     run_demo(workdir, steps=steps, echo=lambda msg: typer.echo(msg, err=True))
+
+
+@app.command("doctor")
+def doctor(
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object on stdout and nothing else."
+    ),
+    require_cuda: bool = typer.Option(
+        False, "--require-cuda", help="Count a missing CUDA device as a problem (exit 1)."
+    ),
+) -> None:
+    """Check this install: versions against cogfun's ranges, CUDA devices, bf16, DeepSpeed ops."""
+    from cogfun.common.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(as_json=as_json, require_cuda=require_cuda))
+
+
+_register_sampling(app)  # `cogfun sample` and `cogfun encode-prompts` (common/sample_cli.py)
+
+
+@app.command("merge-lora")
+def merge_lora_command(
+    model: Path = typer.Option(..., "--model", help="Model folder whose transformer/ is merged."),
+    lora: Path = typer.Option(
+        ..., "--lora", help="LoRA file: the original's checkpoint-N.safetensors or diffusers'."
+    ),
+    lora_weight: float = typer.Option(
+        1.0, "--lora-weight", help="Multiplier of the update (the original's predict uses 0.55)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder to write the merged transformer/ into."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (the model's stored dtype), fp32, bf16 or fp16."
+    ),
+) -> None:
+    """Merge a LoRA into a model's transformer: W += weight x (alpha / rank) x up @ down."""
+    from cogfun.common.models import ModelFolderError
+    from cogfun.train.lora import LoraError
+    from cogfun.train.lora_merge import merge_to_folder
+
+    try:
+        target = merge_to_folder(model, lora, lora_weight, out, dtype=dtype)
+    except (LoraError, ModelFolderError) as err:
+        typer.echo(f"cogfun merge-lora: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"wrote {target}")
 
 
 def main() -> None:

@@ -1,4 +1,6 @@
-"""Inpaint masks of the original CogVideoX-Fun trainer (REFERENCE.md §7.1, §7.2, §7.4 step 2).
+"""Inpaint masks of the original CogVideoX-Fun trainer (get_random_mask in
+cogvideox/data/dataset_image_video.py, the masked video and resize_mask of scripts/train.py;
+tests/golden/README.md sections 5 and 7).
 
 Convention (the original's): in a pixel mask **1 = generate (unknown)**, 0 = known. ``resize_mask``
 receives ``1 − mask`` (1 = known) and returns the latent-grid mask channel of the inpaint input.
@@ -197,7 +199,8 @@ def resize_mask(mask_known: Tensor, latent_shape: tuple[int, ...] | torch.Size) 
 def mask_to_latent(mask: Tensor) -> Tensor:
     """Pixel mask (F, 1, H, W) uint8, 1 = generate -> (F_lat, 1, H/8, W/8) float32, 1 = known.
 
-    The inpaint mask channel *before* the t2v flag and the VAE scaling factor (REFERENCE §7.4).
+    The inpaint mask channel *before* the t2v flag and the VAE scaling factor (the original's
+    scripts/train.py).
     """
     frames, _, height, width = mask.shape
     if (frames - 1) % VAE_TEMPORAL or height % VAE_SPATIAL or width % VAE_SPATIAL:

@@ -132,10 +132,10 @@ def load_text_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> T
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer from `path/tokenizer`: a real `spiece.model` folder or the tiny `tokenizer.json`.
 
-    transformers 5 has traps here (ENVIRONMENT.md): `T5Tokenizer(vocab_file=...)` ignores the file
-    and maps every word to unk, and a spiece.model folder needs sentencepiece + protobuf to convert.
-    So it loads with AutoTokenizer and then proves the ids are real: equal to sentencepiece's own
-    ids when spiece.model is present, and never all unk.
+    transformers 5 has traps here (tests/test_tokenizer.py): `T5Tokenizer(vocab_file=...)` ignores
+    the file and maps every word to unk, and a spiece.model folder needs sentencepiece + protobuf
+    to convert. So it loads with AutoTokenizer and then proves the ids are real: equal to
+    sentencepiece's own ids when spiece.model is present, and never all unk.
     """
     from transformers import AutoTokenizer
 
@@ -174,7 +174,7 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
 
 
 def load_scheduler(path: str | Path) -> DDPMScheduler:
-    """`path/scheduler` read as a DDPMScheduler, as the original trainer does (REFERENCE §8.1).
+    """`path/scheduler` read as a DDPMScheduler, as the original's scripts/train.py does.
 
     The shipped JSON is a CogVideoXDDIMScheduler config; DDPMScheduler keeps its betas, zero-SNR
     rescale and v-prediction, and ignores `snr_shift_scale` (so Fun trains on the unshifted schedule).
@@ -199,7 +199,7 @@ def encode_prompts(
     texts: list[str],
     max_length: int = 226,
 ) -> torch.Tensor:
-    """T5 hidden states for `texts`, exactly as the original computes them (REFERENCE §6).
+    """T5 hidden states for `texts`, exactly as the original's scripts/train.py computes them.
 
     Padded to `max_length`, truncated, EOS appended; T5 gets input_ids only: no attention mask, so
     the padding positions' outputs are kept as they come out. Returns (B, max_length, D) in the

@@ -1,6 +1,7 @@
 """Flags a stage does not take, and what to tell the user about each.
 
-- other-stage: an option of the other command (`--train-batch-size` given to precompute).
+- other-stage: an option of the other command (`--train-batch-size` given to precompute; train takes
+  precompute's store-building options, all but `--out`).
 - ignored: the original parses it but it does nothing here (or did nothing there either); a warning.
 - unsupported: the original acts on it but cogfun does not build it yet; refused, naming it.
 """
@@ -31,11 +32,6 @@ IGNORED: dict[str, tuple[bool, str]] = {
 }
 
 UNSUPPORTED: dict[str, bool] = {
-    "validation_prompts": True,
-    "validation_paths": True,
-    "validation_steps": True,
-    "validation_epochs": True,
-    "use_8bit_adam": False,
     "keep_all_node_same_token_length": False,
     "random_ratio_crop": False,
     "vae_path": True,
@@ -50,10 +46,19 @@ def _fields(cls: type) -> dict[str, bool]:
     """Field name (and aliases) -> whether the flag takes a value."""
     out: dict[str, bool] = {}
     for f in dataclasses.fields(cls):
-        takes_value = f.type not in (bool, "bool")
+        takes_value = not str(f.type).startswith(("bool", "<class 'bool'>"))
         for name in (f.name, *f.metadata.get("aliases", ())):
             out[name] = takes_value
     return out
+
+
+# `cogfun train` takes `cogfun precompute`'s options too (given --data it builds or reuses the store
+# it trains on), all but --out: train names its store with --latents.
+TRAIN_STORE_SKIP = ("out",)
+_OUT_REASON = (
+    "it is `cogfun precompute`'s store path; `cogfun train` reads (and, given --data, builds) the "
+    "store named by --latents"
+)
 
 
 def foreign_flags(stage: str) -> dict[str, ForeignFlag]:
@@ -61,16 +66,17 @@ def foreign_flags(stage: str) -> dict[str, ForeignFlag]:
     from cogfun.precompute.config import PrecomputeConfig
     from cogfun.train.config import TrainConfig
 
-    mine, other_cls, other = (
-        (PrecomputeConfig, TrainConfig, "train")
-        if stage == "precompute"
-        else (TrainConfig, PrecomputeConfig, "precompute")
-    )
-    own = _fields(mine)
+    if stage == "precompute":
+        own, other_cls, other = _fields(PrecomputeConfig), TrainConfig, "train"
+    else:
+        store = {k: v for k, v in _fields(PrecomputeConfig).items() if k not in TRAIN_STORE_SKIP}
+        own, other_cls, other = {**_fields(TrainConfig), **store}, PrecomputeConfig, "precompute"
     flags: dict[str, ForeignFlag] = {}
     for name, takes_value in _fields(other_cls).items():
         if name not in own:
             reason = f"it is an option of `cogfun {other}`, not `cogfun {stage}`"
+            if stage == "train" and name in TRAIN_STORE_SKIP:
+                reason = _OUT_REASON
             flags[name] = ForeignFlag(name, "other-stage", takes_value, reason)
     for name, (takes_value, why) in IGNORED.items():
         flags[name] = ForeignFlag(name, "ignored", takes_value, why)

@@ -58,6 +58,7 @@ from cogfun.common.store_schema import (
     StoreError,
     StoreLayout,
     StorePlan,
+    StoreReadError,
     fingerprint,
 )
 from cogfun.common.store_write import StoreWriter
@@ -73,6 +74,7 @@ __all__ = [
     "StoreLayout",
     "StoreLock",
     "StorePlan",
+    "StoreReadError",
     "StoreReader",
     "StoreWriter",
     "fingerprint",

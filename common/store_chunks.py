@@ -14,21 +14,37 @@ files itself, byte for byte what zarr reads and writes (tests/test_store_chunks.
 
 `chunk_files` returns None for any array whose metadata is not that simple layout; callers then go
 through zarr, so the store stays readable whatever another zarr writer made of it.
+
+Reads tell the disk from the data: an I/O error (OSError other than a missing file) is retried
+`READ_ATTEMPTS` times with a doubling pause and then raised as `StoreReadError`, never reported as a
+damaged sample; bytes that cannot be decoded (or decode to the wrong size) are damage.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+from cogfun.common.store_schema import StoreReadError
 from numcodecs import Blosc
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 WRITE_THREADS = 8  # compression and file syscalls release the GIL, so threads overlap them
+# A failing read is tried this many times in all, pausing READ_BACKOFF_S, then twice that, ... in
+# between (0.1 + 0.2 + 0.4 + 0.8 = 1.5 s): long enough for a network filesystem's brief hiccup,
+# short enough that a dead disk is reported within seconds.
+READ_ATTEMPTS = 5
+READ_BACKOFF_S = 0.1
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 _DTYPES = {"uint8", "uint16", "uint64", "int64"}
 
@@ -73,10 +89,9 @@ class ChunkFiles:
 
     def _load(self, index: int, lead: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
         nbytes = self._row_bytes * (lead[0] if lead else 1)
-        try:
-            with open(self.path(index), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
+        path = self.path(index)
+        data = retry_reads(lambda: read_chunk_bytes(path), path)
+        if data is None:
             return np.zeros(shape, dtype=self.dtype)
         if self.blosc is not None:
             data = self.blosc.decode(data)
@@ -108,7 +123,7 @@ class ChunkFiles:
                 row = int(index)
                 try:
                     out[row] = self.read(row)[()]
-                except (OSError, ValueError, RuntimeError):
+                except (ValueError, RuntimeError):  # undecodable: not done (I/O errors raise)
                     out[row] = 0
         return out
 
@@ -127,6 +142,40 @@ class ChunkFiles:
     def write(self, row: int, value: np.ndarray | None) -> None:
         """Write one row's file (None: remove it, as writing the fill value does)."""
         put(self.path(row), None if value is None else self.encode(value))
+
+
+def read_chunk_bytes(path: str) -> bytes | None:
+    """A chunk file's bytes; None when it does not exist (zarr's fill value)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def retry_reads(read: Callable[[], T], path: str) -> T:
+    """`read()`, tried again after an OSError (a missing file is an answer, not an error) up to
+    READ_ATTEMPTS times in all; then `StoreReadError` naming `path`."""
+    pause = READ_BACKOFF_S
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return read()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if attempt == READ_ATTEMPTS:
+                raise StoreReadError(path, err, attempt) from err
+            log.warning(
+                "%s: %s; reading again in %.2f s (attempt %d of %d)",
+                path,
+                err.strerror or err,
+                pause,
+                attempt + 1,
+                READ_ATTEMPTS,
+            )
+            time.sleep(pause)
+            pause *= 2
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def put(path: str, data: bytes | None) -> None:

@@ -1,4 +1,5 @@
-"""Low-level zarr access for the store: metadata checks, array creation/opening, bf16 bit views.
+"""Low-level zarr access for the store: metadata checks, array creation/opening, bf16 bit views,
+row reads (`take_rows`: chunk files directly, or zarr under the same I/O retries).
 
 Private helper of `cogfun.common.store`. Every zarr call that can fail on a damaged store is wrapped
 here so that the error names the file on disk and the reason.
@@ -13,12 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from cogfun.common.store_chunks import ChunkFiles, chunk_files
+from cogfun.common.store_chunks import ChunkFiles, chunk_files, retry_reads
 from cogfun.common.store_schema import (
     SCHEMA_VERSION,
     STORE_FORMAT,
     ArraySpec,
     StoreError,
+    StoreReadError,
     fingerprint,
 )
 from zarr.codecs import BloscCodec
@@ -204,3 +206,36 @@ def check_root(path: Path) -> dict:
             "settings or the fingerprint were edited after the store was written"
         )
     return attrs
+
+
+def take_rows(array: Any, files: ChunkFiles | None, slots: np.ndarray) -> np.ndarray:
+    """Rows `slots` of a one-chunk-per-sample array, stacked: read straight from the chunk files
+    when the array has the store's simple layout (about 3x faster than zarr per chunk), else with
+    plain zarr slices, one per sample (orthogonal selection fancy-indexes inside every chunk and
+    was about 2x slower per sample)."""
+    if len(slots) == 0:
+        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+    if files is not None:
+        return files.read_many(slots.tolist())
+    return np.concatenate(
+        [zarr_read(lambda s=int(s): np.asarray(array[s : s + 1]), array, s) for s in slots]
+    )
+
+
+def zarr_read(read: Any, array: Any, row: int | None = None) -> Any:
+    """A zarr read under `retry_reads`, named by the array's path (and row)."""
+    where = str(getattr(array, "store_path", array))
+    return retry_reads(read, where if row is None else f"{where}[{row}]")
+
+
+def failed_slot(exc: StoreReadError, slots: np.ndarray) -> int:
+    """The slot whose read failed: per-sample chunk files are named c.<slot>.0..., zarr reads
+    [<slot>]; the first slot when neither says."""
+    name = exc.path.rsplit("/", 1)[-1]
+    for candidate in (
+        name[2:].split(".", 1)[0] if name.startswith("c.") else "",
+        name.rsplit("[", 1)[-1].rstrip("]") if name.endswith("]") else "",
+    ):
+        if candidate.isdigit() and int(candidate) in set(slots.tolist()):
+            return int(candidate)
+    return int(slots[0])

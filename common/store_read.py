@@ -3,7 +3,9 @@
 Private helper of `cogfun.common.store`. Opening reads the root attributes, each bucket's group
 attributes and its one-chunk done index, nothing per sample, so it takes as long for 100k samples
 as for 1k. Every read verifies the sample's checksum unless told not to: zarr returns the fill value
-for a missing chunk, so only content checks catch a deleted or truncated chunk file.
+for a missing chunk, so only content checks catch a deleted or truncated chunk file. An I/O error
+is not damage: it is retried, then raised as `StoreReadError` naming the file and the sample
+(`store_chunks.retry_reads`), which `--skip-damaged` does not skip.
 
 A `StoreReader` may be shared by threads (the training loader's reader threads share one): its
 lazily filled caches are filled under a lock, and reads themselves keep no state.
@@ -23,6 +25,7 @@ from cogfun.common import store_scan
 from cogfun.common.store_chunks import ChunkFiles
 from cogfun.common.store_io import (
     check_root,
+    failed_slot,
     from_bits,
     node_attributes,
     open_array,
@@ -30,6 +33,8 @@ from cogfun.common.store_io import (
     open_group,
     open_root,
     read_flags,
+    take_rows,
+    zarr_read,
 )
 from cogfun.common.store_lock import live_writer
 from cogfun.common.store_schema import (
@@ -37,6 +42,7 @@ from cogfun.common.store_schema import (
     DamagedSample,
     StoreError,
     StoreLayout,
+    StoreReadError,
     caption_checksum,
     caption_specs,
     checksum,
@@ -264,8 +270,11 @@ class StoreReader:
         if bucket not in self._shared:
             arrays = self._bucket_arrays(bucket)
             try:
-                bits = np.asarray(arrays["all_masked_latents"][...])
-                stored = int(arrays["all_masked_checksum"][0])
+                shared, sums = arrays["all_masked_latents"], arrays["all_masked_checksum"]
+                bits = zarr_read(lambda: np.asarray(shared[...]), shared)
+                stored = int(zarr_read(lambda: sums[0], sums))
+            except StoreReadError as exc:
+                raise exc.for_sample(f"{bucket}/{slot}") from exc.__cause__
             except Exception as exc:
                 raise self._damaged(
                     bucket, slot, f"the bucket's all-masked latents are unreadable: {exc}"
@@ -319,8 +328,10 @@ class StoreReader:
         names = [n for n in SAMPLE_ARRAYS if n in arrays]
         try:
             files = self._files[bucket]
-            data = {n: _take(arrays[n], files[n], slots) for n in names}
-            sums = _take(arrays["checksum"], files["checksum"], slots) if verify else None
+            data = {n: take_rows(arrays[n], files[n], slots) for n in names}
+            sums = take_rows(arrays["checksum"], files["checksum"], slots) if verify else None
+        except StoreReadError as exc:
+            raise exc.for_sample(f"{bucket}/{failed_slot(exc, slots)}") from exc.__cause__
         except Exception as exc:
             if len(slots) > 1:  # find which sample is unreadable
                 for s in slots:
@@ -374,8 +385,10 @@ class StoreReader:
         files = self._files["\0captions"]
         rows = np.asarray([i])
         try:
-            bits = _take(arrays["embeddings"], files["embeddings"], rows)[0]
-            stored = int(_take(arrays["checksum"], files["checksum"], rows)[0])
+            bits = take_rows(arrays["embeddings"], files["embeddings"], rows)[0]
+            stored = int(take_rows(arrays["checksum"], files["checksum"], rows)[0])
+        except StoreReadError as exc:
+            raise exc.for_sample(f"captions/{i}") from exc.__cause__
         except Exception as exc:
             raise DamagedSample(
                 "captions", i, f"a caption chunk file is unreadable: {exc}"
@@ -408,15 +421,3 @@ class StoreReader:
 
     def summary(self) -> dict:
         return store_scan.summary(self)
-
-
-def _take(array: Any, files: ChunkFiles | None, slots: np.ndarray) -> np.ndarray:
-    """Rows `slots` of a one-chunk-per-sample array, stacked: read straight from the chunk files
-    when the array has the store's simple layout (about 3x faster than zarr per chunk), else with
-    plain zarr slices, one per sample (orthogonal selection fancy-indexes inside every chunk and
-    was about 2x slower per sample)."""
-    if len(slots) == 0:
-        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
-    if files is not None:
-        return files.read_many(slots.tolist())
-    return np.concatenate([np.asarray(array[int(s) : int(s) + 1]) for s in slots])

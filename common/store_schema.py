@@ -60,6 +60,33 @@ class DamagedSample(StoreError):
         )
 
 
+class StoreReadError(StoreError):
+    """Reading a store file kept failing with an I/O error (OSError) after the retries.
+
+    The disk or filesystem failed, not the sample's bytes: this is not a `DamagedSample`, so
+    `--skip-damaged` does not skip it (skipping would silently drop samples a healthy disk holds).
+    `sample` ("bucket/slot" or "captions/i") is filled in by the reader when it knows it.
+    """
+
+    def __init__(self, path: str, error: OSError, attempts: int, sample: str | None = None):
+        self.path, self.error, self.attempts, self.sample = path, error, attempts, sample
+        what = f" (sample {sample})" if sample else ""
+        reason = error.strerror or str(error) or type(error).__name__
+        code = f" [errno {error.errno}]" if error.errno is not None else ""
+        super().__init__(
+            f"I/O error reading {path}{what}: {reason}{code}, {attempts} attempt(s); the storage "
+            "failed, the sample was not found damaged, so --skip-damaged does not skip it: check "
+            "the disk or filesystem and rerun"
+        )
+
+    def __reduce__(self) -> tuple:  # rebuilt whole when it crosses a process boundary
+        return (StoreReadError, (self.path, self.error, self.attempts, self.sample))
+
+    def for_sample(self, sample: str) -> StoreReadError:
+        """The same error naming the sample it was reading."""
+        return StoreReadError(self.path, self.error, self.attempts, sample)
+
+
 def _show(value: Any) -> str:
     return "(absent)" if value is None else json.dumps(value, sort_keys=True, default=str)
 

@@ -1,7 +1,7 @@
 """`PrecomputeConfig`: every option of `cogfun precompute`, declared once.
 
-Defaults are those of the original's recommended training command (DESIGN.md, "Defaults"), so
-`cogfun precompute --data D` prepares the recommended run.
+Defaults are those of the original's recommended training command, so `cogfun precompute --data D`
+prepares the recommended run. `--mode` defaults to what the model is (see `cogfun.common.modes`).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogfun.common.modes import default_precompute_mode
 from cogfun.common.options import option
 
 DEFAULT_MODEL = "models/Diffusion_Transformer/CogVideoX-Fun-2b-InP"
@@ -28,17 +29,21 @@ class PrecomputeConfig:
     )
     model: Path = option(
         Path(DEFAULT_MODEL),
-        "CogVideoX-Fun model folder (diffusers layout); only vae/, text_encoder/, tokenizer/ are loaded.",
+        "CogVideoX-Fun model folder (diffusers layout); only vae/, text_encoder/, tokenizer/ are "
+        "loaded, and transformer/config.json is read (its weights are not needed).",
         aliases=("pretrained_model_name_or_path",),
     )
     out: Path = option(
         Path(DEFAULT_STORE), "Zarr store to write (what `cogfun train --latents` reads)."
     )
     mode: str = option(
-        "inpaint",
-        "inpaint draws masks and encodes masked videos; normal skips them.",
+        None,
+        "inpaint draws masks and encodes masked videos; normal skips them. Default: what the "
+        "model is (transformer/config.json in_channels 33: inpaint, 16: normal); inpaint when "
+        "the model folder has no transformer config.",
         aliases=("train_mode",),
         choices=("inpaint", "normal"),
+        shown="the model's",
     )
     seed: int = option(42, "Seed of every per-sample draw (clip start, resolution, frames, masks).")
     image_sample_size: int = option(
@@ -105,6 +110,16 @@ class PrecomputeConfig:
         "Progress display: auto (bar on a terminal, log lines otherwise), bar, log, none.",
         choices=("auto", "bar", "log", "none"),
     )
+    validation_prompts: Path | None = option(
+        None,
+        "Text file of validation prompts (one per line), T5-encoded with the captions into "
+        "STORE/validation_prompts.safetensors for `cogfun train --validation-prompts store`; "
+        "not part of the fingerprint.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode is None:
+            object.__setattr__(self, "mode", default_precompute_mode(Path(self.model)))
 
     def meta_path(self) -> Path:
         return self.meta if self.meta is not None else self.data / "metadata.json"

@@ -1,4 +1,5 @@
-"""Decode videos and images into uint8 frames, and draw clip frame indices (REFERENCE.md §2.2-2.3).
+"""Decode videos and images into uint8 frames, and draw clip frame indices (as the original's
+cogvideox/data/dataset_image_video.py does).
 
 - `probe(path, kind)` reads only headers: PyAV stream info for videos (frame count, coded size,
   and for mp4/mov the track's display matrix, so a rotated phone clip reports its display size
@@ -183,7 +184,8 @@ def clip_indices(
     *,
     path: str | Path | None = None,
 ) -> list[int]:
-    """The original's clip sampler (REFERENCE.md §2.2; drop window 0..1).
+    """The original's clip sampler (get_batch in cogvideox/data/dataset_image_video.py; drop
+    window 0..1).
 
     k = min(n_frames, n_total // stride) frames spanning clip_len = min(N, (k-1)*stride + 1),
     starting at a uniform draw in [0, N - clip_len] (inclusive; no draw when the clip fills the

@@ -90,5 +90,5 @@ class TextEncoder:
         return cls(tokenizer, encoder, max_length)
 
     def encode(self, texts: list[str]) -> Tensor:
-        """(B, L, D) on the CPU: padded to max_length, no attention mask (REFERENCE §6)."""
+        """(B, L, D) on the CPU: padded to max_length, no attention mask (as the original)."""
         return encode_prompts(self.tokenizer, self.model, texts, self.max_length).cpu()

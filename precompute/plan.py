@@ -6,14 +6,20 @@ pure function of (metadata rows, probes, options): for each row copy (`video_rep
 its variants (`variants_per_sample`, videos only) it seeds a numpy Generator from
 (seed, row index, repeat, variant) — never a global RNG — and draws, in this order:
 
-1. the clip's frame indices (REFERENCE §2.2, from the header's frame count),
-2. the resolution/frame variant (`choose_video_variant` / `choose_image_variant`, REFERENCE §3),
+1. the clip's frame indices (the original's frame sampling in
+   cogvideox/data/dataset_image_video.py, from the header's frame count),
+2. the resolution/frame variant (`choose_video_variant` / `choose_image_variant`, the original's
+   collate_fn in scripts/train.py),
 
 and, from a second child of the same seed, the K mask seeds (so `--mode normal` and inpaint stores
-with one seed pick the same clips and buckets). Each sample goes to bucket `f{F_lat}_h{h}_w{w}`
-and gets the next slot there; slots of a bucket are cut into `vae_mini_batch` chunks, the unit of
-encoding and of resume (the VAE's floating-point result depends on its batch). Same inputs and
-seed give the same plan, byte for byte, and the store refuses to resume with another plan.
+with one seed pick the same clips and buckets). The frame counts drawn are those the model can
+patch: `patch_size_t` comes from the model's transformer/config.json (`common.model_kind`), so a
+V1.5 store only holds latent frame counts that are even or 1 (`buckets.patch_frames`).
+
+Each sample goes to bucket `f{F_lat}_h{h}_w{w}` and gets the next slot there; slots of a bucket
+are cut into `vae_mini_batch` chunks, the unit of encoding and of resume (the VAE's floating-point
+result depends on its batch). Same inputs and seed give the same plan, byte for byte, and the store
+refuses to resume with another plan.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from cogfun.common.store import BucketPlan, RowPlan, StorePlan
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.decode import DecodeError, MediaInfo, clip_indices, probe
 from cogfun.precompute.metadata import Row
+from cogfun.precompute.seeds import many_sample_seeds
 
 log = logging.getLogger("cogfun.precompute")
 
@@ -56,7 +63,7 @@ class Failure:
     row: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a million of them in a large plan: no per-object dict
 class SampleSpec:
     """Everything needed to decode and encode one planned sample."""
 
@@ -77,7 +84,7 @@ class SampleSpec:
     caption: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """Samples of one bucket, in slot order, that go through the VAE together."""
 
@@ -98,7 +105,7 @@ class Plan:
         return [c for c in self.chunks if c.index % world == rank]
 
 
-def bucket_options(cfg: PrecomputeConfig) -> BucketOptions:
+def bucket_options(cfg: PrecomputeConfig, patch_size_t: int | None = None) -> BucketOptions:
     return BucketOptions(
         image_sample_size=cfg.image_sample_size,
         video_sample_size=cfg.video_sample_size,
@@ -108,6 +115,7 @@ def bucket_options(cfg: PrecomputeConfig) -> BucketOptions:
         random_hw_adapt=cfg.random_hw_adapt,
         training_with_video_token_length=cfg.training_with_video_token_length,
         random_frame_crop=cfg.random_frame_crop,
+        patch_size_t=patch_size_t,
     )
 
 
@@ -117,7 +125,8 @@ def masks_per_sample(cfg: PrecomputeConfig) -> int:
 
 
 def short_side_cap(cfg: PrecomputeConfig) -> int:
-    """Decoded video frames keep a short side of at most max(image, video) size (REFERENCE §2.2)."""
+    """Decoded video frames keep a short side of at most max(image, video) size, as the
+    original's cogvideox/data/dataset_image_video.py resizes them."""
     return max(cfg.image_sample_size, cfg.video_sample_size)
 
 
@@ -215,10 +224,16 @@ class _Draw:
 
 
 def draw_sample(
-    row: Row, info: MediaInfo, cfg: PrecomputeConfig, rng: np.random.Generator
+    row: Row,
+    info: MediaInfo,
+    cfg: PrecomputeConfig,
+    rng: np.random.Generator,
+    patch_size_t: int | None = None,
+    opts: BucketOptions | None = None,
 ) -> _Draw:
-    """Clip and (H, W, F) of one sample. Raises DecodeError when the video is too short."""
-    opts = bucket_options(cfg)
+    """Clip and (H, W, F) of one sample (`opts`: `bucket_options(cfg, patch_size_t)`, made once
+    per plan by the caller). Raises DecodeError when the video is too short."""
+    opts = opts or bucket_options(cfg, patch_size_t)
     if row.type == "image":
         height, width = choose_image_variant(info.height, info.width, opts, rng)
         return _Draw([0], 1, 1, height, width, (info.height, info.width))
@@ -244,27 +259,45 @@ def provenance(spec: SampleSpec, row: Row, variant: int, draw: _Draw, cap: int) 
         "variant": variant,
         "type": spec.kind,
         "source_hw": [draw.source_hw[0], draw.source_hw[1]],
-        "frames": list(spec.indices),
+        "frames": spec.indices,  # the spec's tuples, shared: JSON writes them as lists
         "clip_frames": spec.clip_frames,
         "resize_hw": [rh, rw],
         "crop": [top, left, spec.height, spec.width],
         "seed": spec.seed,
-        "mask_seeds": list(spec.mask_seeds),
+        "mask_seeds": spec.mask_seeds,
     }
 
 
 # ---- the plan ----
 
 
-def build_plan(rows: list[Row], probes: dict[str, Probe], cfg: PrecomputeConfig) -> Plan:
-    """The deterministic plan of `rows` (see the module docstring)."""
+def build_plan(
+    rows: list[Row],
+    probes: dict[str, Probe],
+    cfg: PrecomputeConfig,
+    patch_size_t: int | None = None,
+) -> Plan:
+    """The deterministic plan of `rows` for a transformer with temporal patch `patch_size_t`
+    (see the module docstring)."""
     k = masks_per_sample(cfg)
     cap = short_side_cap(cfg)
+    opts = bucket_options(cfg, patch_size_t)
+    # Every (row, variant)'s seeds in one vectorized pass (`seeds`), row p's variant v at p*V + v.
+    per_row = max(1, cfg.variants_per_sample)
+    index = np.fromiter((r.index for r in rows), np.int64, len(rows))
+    repeat = np.fromiter((r.repeat for r in rows), np.int64, len(rows))
+    variant_seeds, all_mask_seeds = many_sample_seeds(
+        cfg.seed,
+        np.repeat(index, per_row),
+        np.repeat(repeat, per_row),
+        np.tile(np.arange(per_row), len(rows)),
+        k,
+    )
     failures: list[Failure] = []
     captions: dict[str, int] = {"": 0}
     drafts: list[tuple[SampleSpec, dict]] = []
     per_bucket: dict[str, list[int]] = {}
-    for row in rows:
+    for position, row in enumerate(rows):
         if row.error is not None:
             failures.append(Failure(row.key, row.file_path, row.error, row.index))
             continue
@@ -274,11 +307,13 @@ def build_plan(rows: list[Row], probes: dict[str, Probe], cfg: PrecomputeConfig)
             failures.append(Failure(row.key, row.file_path, f"{row.path}: {reason}", row.index))
             continue
         variants = cfg.variants_per_sample if row.type == "video" else 1
+        path = str(row.path)  # one string for all the row's variants
         for variant in range(variants):
             key = f"{row.key}.v{variant}"
-            seed, mask_seeds = sample_seeds(cfg.seed, row.index, row.repeat, variant, k)
+            at = position * per_row + variant
+            seed, mask_seeds = int(variant_seeds[at]), all_mask_seeds[at].tolist()
             try:
-                draw = draw_sample(row, info, cfg, np.random.default_rng(seed))
+                draw = draw_sample(row, info, cfg, np.random.default_rng(seed), opts=opts)
             except DecodeError as e:
                 failures.append(Failure(key, row.file_path, str(e), row.index))
                 continue
@@ -291,7 +326,7 @@ def build_plan(rows: list[Row], probes: dict[str, Probe], cfg: PrecomputeConfig)
                 slot=len(slots),
                 row=row.index,
                 file=row.file_path,
-                path=str(row.path),
+                path=path,
                 kind=row.type,
                 indices=tuple(draw.indices),
                 clip_frames=draw.clip_frames,

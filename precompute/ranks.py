@@ -3,8 +3,8 @@
 A plain `cogfun precompute ...` is one process and never imports accelerate. Under
 `accelerate launch [--multi_gpu] --num_processes N $(which cogfun) precompute ...` (LOCAL_RANK set)
 accelerate's `PartialState` starts torch.distributed. On CPU it is told to use gloo: without that,
-two CPU processes each believe they are rank 0 of 1 (ENVIRONMENT.md, "accelerate / DeepSpeed on
-CPU"). The collectives move small int64 tensors only: nothing is pickled between processes.
+two CPU processes each believe they are rank 0 of 1 (tests/test_precompute_procs.py checks the
+backend). The collectives move small int64 tensors only: nothing is pickled between processes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 
 log = logging.getLogger("cogfun.precompute")
 
-# Rank 0 probes every file's header before the others may start: a large dataset takes a while.
+# The header pass and plan of a large dataset, and the store's creation, come before the first
+# collective returns: a cold header pass over millions of files takes a while.
 SETUP_TIMEOUT = timedelta(hours=12)
 
 

@@ -4,19 +4,27 @@
     accelerate launch --multi_gpu --num_processes 2 $(which cogfun) precompute --data DIR ...
     (on CPU add ACCELERATE_USE_CPU=true; accelerate sets OMP_NUM_THREADS=1, so pass --threads)
 
-Process 0 reads the metadata, probes the headers, builds the plan and creates the store (or checks
-that an existing one has the same fingerprint and plan); the others wait, then rebuild the same plan
-from the saved header probes. Chunk i is encoded by process i % N. After a second barrier process 0
+Every process reads the metadata and probes its share of the media headers (cached beside the
+store, see `cogfun.precompute.headers`); all then build the same plan from every share. Process 0
+creates the store (or checks that an existing one has the same fingerprint and plan) while the
+others wait, then open it. Chunk i is encoded by process i % N. After a second barrier process 0
 writes the done index and marks the store complete. Rerunning the same command resumes: done samples
 are skipped, half-done chunks are redone whole, so the store ends bitwise equal to an uninterrupted
 run at the same per-process thread count.
 
+Before any work the model's transformer/config.json is read (the JSON only, no weights): a model
+cogfun cannot train (Fun control models, unknown channel counts) is refused, and its `patch_size_t`
+fixes the frame counts the plan may hold (V1.5: even latent counts or 1).
+
 What the fingerprint covers (refused on resume when any differs): every option that shapes the
 stored bytes (sizes, frames, stride, repeat, variants, buckets, masks, mode, seed, latent format,
 VAE/T5 dtypes, vae_mini_batch, slicing, tiling, T5 batch), the VAE, text encoder and tokenizer
-identities (hash of their files), the mask tables, and the metadata file's content hash. Not
-covered: the paths of the data, metadata, model and store (moving them does not change a byte),
-decode workers, progress, and the thread count (recorded in the store's attrs instead).
+identities (hash of their files), the transformer layout the frame counts were chosen for
+(`transformer`: patch_size, patch_size_t) and its masked-video noise (`inpaint_noise`), the mask
+tables, and the metadata file's content hash. Not covered: the paths of the data, metadata, model
+and store (moving them does not change a byte), decode workers, progress, the thread count
+(recorded in the store's attrs instead), and `--validation-prompts` (written beside the arrays, see
+`cogfun.common.sample_store`: they change no training sample).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import dataclasses
 import errno
 import json
 import logging
+import secrets
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -33,11 +42,14 @@ from pathlib import Path
 
 import torch
 from cogfun.common.masks import IMAGE_MASK_PROBS, VIDEO_MASK_PROBS
+from cogfun.common.model_kind import check_servable, encoded_for, read_transformer_config
 from cogfun.common.models import ModelFolderError, check_model_folder, model_identity
 from cogfun.common.progress import format_duration, progress, setup_logging
+from cogfun.common.sample_store import encode_store_prompts, read_prompt_lines, store_prompts_todo
 from cogfun.common.store import StoreError, StoreLayout, StoreLock, StoreWriter, open_for_write
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.encode import TextEncoder, VaeEncoder, resolve_dtype
+from cogfun.precompute.headers import HeaderPassError, header_pass, probe_dir, prune
 from cogfun.precompute.metadata import MetadataError, Row, read_metadata
 from cogfun.precompute.pipeline import (
     TEXT_BATCH,
@@ -51,9 +63,7 @@ from cogfun.precompute.plan import (
     Plan,
     build_plan,
     file_sha256,
-    load_probes,
     masks_per_sample,
-    probe_rows,
     save_probes,
     short_side_cap,
 )
@@ -102,6 +112,11 @@ def check_options(cfg: PrecomputeConfig) -> None:
             raise OptionError(f"{flag} must be >= {low}, got {getattr(cfg, name)}")
     if cfg.mode == "inpaint" and cfg.masks_per_sample < 1:
         raise OptionError("--masks-per-sample must be >= 1 in inpaint mode (or use --mode normal)")
+    if cfg.validation_prompts is not None:
+        try:
+            read_prompt_lines(cfg.validation_prompts)
+        except ValueError as err:
+            raise OptionError(str(err)) from err
 
 
 def run(config: PrecomputeConfig) -> int:
@@ -127,8 +142,18 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def build_settings(cfg: PrecomputeConfig, vae_dtype: str, text_dtype: str) -> dict:
-    """Everything that shapes the stored bytes (see the module docstring)."""
+# Why precompute reads the transformer config (the message when it is missing).
+TRANSFORMER_CONFIG_NEEDED = (
+    "precompute reads it (the JSON only, no weights) to learn which frame counts the transformer "
+    "can patch (patch_size_t), whether it trains on noised masked videos "
+    "(add_noise_in_inpaint_model) and its input channels; copy the model's transformer/config.json "
+    "there"
+)
+
+
+def build_settings(cfg: PrecomputeConfig, vae_dtype: str, text_dtype: str, tconfig: dict) -> dict:
+    """Everything that shapes the stored bytes (see the module docstring); `tconfig` is the
+    model's transformer config."""
     vae_config = _read_json(cfg.model / "vae" / "config.json")
 
     def identity(part: str) -> dict:
@@ -168,20 +193,11 @@ def build_settings(cfg: PrecomputeConfig, vae_dtype: str, text_dtype: str) -> di
         "text_encoder": identity("text_encoder"),
         "tokenizer": identity("tokenizer"),
         "metadata_sha256": file_sha256(cfg.meta_path()),
-        "inpaint_noise": cfg.mode == "inpaint" and inpaint_noise(cfg.model),
+        # The masked-video noise augmentation of V1.1/V1.5 models (add_noise_in_inpaint_model).
+        "inpaint_noise": cfg.mode == "inpaint"
+        and bool(tconfig.get("add_noise_in_inpaint_model", False)),
+        "transformer": encoded_for(tconfig),
     }
-
-
-def inpaint_noise(model: Path) -> bool:
-    """Whether the model's transformer config asks for the masked-video noise augmentation
-    (`add_noise_in_inpaint_model`, set by the V1.1 Fun models). Only the config JSON is read; a
-    folder without transformer/ (a precompute-only copy) counts as off."""
-    config = model / "transformer" / "config.json"
-    return (
-        bool(_read_json(config).get("add_noise_in_inpaint_model", False))
-        if config.is_file()
-        else False
-    )
 
 
 def _attrs(cfg: PrecomputeConfig, ranks: Ranks, threads: int) -> dict:
@@ -233,48 +249,67 @@ def _open_store(
     layout: StoreLayout,
     cleanup: ExitStack,
 ) -> tuple[Plan, StoreWriter]:
-    """Process 0 locks, plans and creates (or resumes) the store; the others follow its saved
-    probes. The lock is held until `cleanup` closes: one live precompute per store."""
+    """Process 0 locks the store; every process probes its share of the headers and builds the
+    same plan from all shares (`cogfun.precompute.headers`); process 0 creates (or resumes) the
+    store and the others open it after. The lock is held until `cleanup` closes: one live
+    precompute per store."""
+    run_id = 0
     if ranks.is_main:
         try:
             cleanup.callback(StoreLock(cfg.out).release)
-            start = time.perf_counter()
-            known = load_probes(cfg.out) if (cfg.out / "zarr.json").is_file() else None
-            probes = probe_rows(rows, known)
-            plan = build_plan(rows, probes, cfg)
-            log.info(
-                "planned %d samples in %d buckets (%d chunks), %d captions; %d inputs failed; "
-                "header pass %.1f s%s",
-                len(plan.samples),
-                len(plan.store.buckets),
-                len(plan.chunks),
-                len(plan.store.captions),
-                len(plan.failures),
-                time.perf_counter() - start,
-                " (probes reused from the store)" if known else "",
-            )
-            writer = open_for_write(
-                cfg.out, settings=settings, attrs=attrs, plan=plan.store, layout=layout, create=True
-            )
-            save_probes(cfg.out, probes)
-            _warn_on_thread_change(writer, cfg.out, attrs["threads"])
-            for f in plan.failures:
-                log.warning("skipped %s: %s", f.key, f.reason)
-                writer.record_failure(f.key, f.file, f.reason, f.row)
         except BaseException:
-            ranks.broadcast([0])
+            ranks.broadcast([0, 0])
             raise
-        ranks.broadcast([1])
+        run_id = secrets.randbits(62)
+    locked, run_id = ranks.broadcast([1, run_id])
+    if not locked:
+        raise SetupAborted("process 0 could not lock the store (see its messages)")
+    start = time.perf_counter()
+    failure: BaseException | None = None
+    try:
+        probes, counts = header_pass(rows, ranks, cfg.out, run_id)
+        plan = build_plan(rows, probes, cfg, settings["transformer"]["patch_size_t"])
+    except BaseException as e:  # every process must reach the vote below, or the others hang
+        failure = e
+    if ranks.sum([int(failure is not None)])[0]:
+        if isinstance(failure, HeaderPassError):
+            raise SetupAborted(str(failure)) from failure
+        if failure is not None:
+            raise failure
+        raise SetupAborted("another process could not probe or plan (see its messages)")
+    if not ranks.is_main:
+        if not ranks.broadcast([0])[0]:
+            raise SetupAborted("process 0 could not create or open the store (see its messages)")
+        writer = open_for_write(
+            cfg.out, settings=settings, attrs=attrs, plan=plan.store, layout=layout, create=False
+        )
         return plan, writer
-    if not ranks.broadcast([0])[0]:
-        raise SetupAborted("process 0 could not plan or open the store (see its messages)")
-    probes = load_probes(cfg.out)
-    if probes is None:
-        raise SetupAborted(f"{cfg.out}: the header probes process 0 saved are missing")
-    plan = build_plan(rows, probes, cfg)
-    writer = open_for_write(
-        cfg.out, settings=settings, attrs=attrs, plan=plan.store, layout=layout, create=False
-    )
+    try:
+        log.info(
+            "planned %d samples in %d buckets (%d chunks), %d captions; %d inputs failed; "
+            "header pass and plan %.1f s (this process: %d headers probed, %d from the cache)",
+            len(plan.samples),
+            len(plan.store.buckets),
+            len(plan.chunks),
+            len(plan.store.captions),
+            len(plan.failures),
+            time.perf_counter() - start,
+            counts.probed,
+            counts.cached,
+        )
+        writer = open_for_write(
+            cfg.out, settings=settings, attrs=attrs, plan=plan.store, layout=layout, create=True
+        )
+        save_probes(cfg.out, probes)
+        prune(probe_dir(cfg.out), ranks.world)
+        _warn_on_thread_change(writer, cfg.out, attrs["threads"])
+        for f in plan.failures:
+            log.warning("skipped %s: %s", f.key, f.reason)
+            writer.record_failure(f.key, f.file, f.reason, f.row)
+    except BaseException:
+        ranks.broadcast([0])
+        raise
+    ranks.broadcast([1])
     return plan, writer
 
 
@@ -325,9 +360,12 @@ def _setup(cfg: PrecomputeConfig, cleanup: ExitStack) -> _Context:
     torch.set_num_threads(threads)  # explicit either way: bitwise results depend on it
     rows = read_metadata(cfg.meta_path(), cfg.data, cfg.video_repeat)
     check_model_folder(cfg.model, MODEL_PARTS)
+    tconfig = read_transformer_config(cfg.model, TRANSFORMER_CONFIG_NEEDED)
+    latent_channels = _read_json(cfg.model / "vae" / "config.json").get("latent_channels", 16)
+    check_servable(tconfig, latent_channels, cfg.model)
     vae_dtype = resolve_dtype(cfg.vae_dtype, ranks.device)
     text_dtype = resolve_dtype(cfg.text_encoder_dtype, ranks.device)
-    settings = build_settings(cfg, vae_dtype, text_dtype)
+    settings = build_settings(cfg, vae_dtype, text_dtype, tconfig)
     layout = _layout(cfg, settings)
     attrs = _attrs(cfg, ranks, threads)
     plan, writer = _open_store(cfg, ranks, rows, settings, attrs, layout, cleanup)
@@ -346,9 +384,19 @@ def _encode(ctx: _Context, write_async: bool) -> tuple[Stats, float]:
     source = prepared_chunks(jobs, short_side_cap(cfg), with_masks, cfg.decode_workers, on_gpu)
     start = time.perf_counter()
     batches = caption_batches(len(plan.store.captions))[ranks.rank :: ranks.world]
-    if any(not writer.caption_done(i) for b in batches for i in b):
+    captions_todo = any(not writer.caption_done(i) for b in batches for i in b)
+    sha = ctx.settings["text_encoder"]["sha256"]
+    prompts = (
+        store_prompts_todo(cfg.validation_prompts, cfg.out, sha, cfg.tokenizer_max_length)
+        if ranks.is_main and cfg.validation_prompts is not None
+        else []
+    )
+    if captions_todo or prompts:
         text = TextEncoder.load(cfg.model, ranks.device, ctx.text_dtype, cfg.tokenizer_max_length)
-        encode_captions(writer, plan.store, text, batches, stats)
+        if captions_todo:
+            encode_captions(writer, plan.store, text, batches, stats)
+        if prompts:
+            encode_store_prompts(cfg.out, prompts, text.encode, TEXT_BATCH, sha)
         del text  # T5 and the VAE need not share the device's memory
     shared = [b.name for b in plan.store.buckets][ranks.rank :: ranks.world] if with_masks else []
     need_shared = any(not writer.has_all_masked(b) for b in shared)

@@ -50,7 +50,8 @@ def test_proportional_parameter_counts_match_benchmarks_table():
         transformer = models.build_transformer(models.proportional_transformer_config())
         vae = models.build_vae(models.proportional_vae_config())
         t5 = T5EncoderModel(models.t5_config(422, **models.PROPORTIONAL_T5))
-    # BENCHMARKS.md: 7.55 M (1.7 B / 225), 0.91 M, 18.2 M (with the tiny tokenizer's vocabulary).
+    # docs/performance.md, "Benchmark models": 7.55 M (1.7 B / 225), 0.91 M, 18.2 M (with the tiny
+    # tokenizer's vocabulary).
     assert _params(transformer) == pytest.approx(7.55e6, rel=0.005)
     assert _params(vae) == pytest.approx(0.91e6, rel=0.005)
     assert _params(t5) == pytest.approx(18.2e6, rel=0.005)
@@ -60,7 +61,8 @@ def test_proportional_parameter_counts_match_benchmarks_table():
 
 def test_proportional_cost_ratios_within_2x_of_real():
     figures = flops.proportional_costs().figures()
-    # BENCHMARKS.md, at 49x128x128: VAE 28.7 GFLOP per encode, T5 0.55, transformer forward 21.
+    # docs/performance.md, at 49x128x128: VAE 28.7 GFLOP per encode, T5 0.55, transformer
+    # forward 21.
     assert figures["vae_encode_gflop"] == pytest.approx(28.7, rel=0.01)
     assert figures["t5_gflop"] == pytest.approx(0.55, rel=0.01)
     assert figures["transformer_forward_gflop"] == pytest.approx(21.0, rel=0.01)
@@ -225,3 +227,72 @@ def test_trainer_wait_bench_runs_cogfun_train_on_both_backends(tmp_path):
         assert float(fig[f"trainer_wait_ms_{backend}_t1"]) >= 0
         rows = tmp_path / f"run_{backend}_t1_{0 if backend == 'threads' else 1}" / "metrics.jsonl"
         assert [json.loads(r)["step"] for r in rows.read_text().splitlines()] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_memory_bench_quick_prints_every_configuration():
+    fig = _run("memory.py", "--quick", "--threads", "1", timeout=600)
+    assert fig["model"] == "tiny" and fig["clip"] == "5x64x64" and fig["lora_rank"] == "4"
+    names = ("full_adamw", "full_came", "lora", "adamw_8bit")
+    peaks = {n: float(fig[f"{n}_peak_mb"]) for n in names}
+    assert all(v > 0 for v in peaks.values()), peaks
+    for n in names:
+        assert fig[f"{n}_processes"] == "1"
+        # the peaks are printed to 0.1 MB, the ratios from the unrounded peaks
+        ratio = peaks[n] / peaks["full_adamw"]
+        assert float(fig[f"{n}_ratio"]) == pytest.approx(
+            ratio, abs=1e-3 + 0.15 / peaks["full_adamw"]
+        )
+    full = int(fig["full_adamw_trained_params"])
+    assert full == int(fig["full_came_trained_params"]) == int(fig["adamw_8bit_trained_params"])
+    assert 0 < int(fig["lora_trained_params"]) < full
+
+
+def test_memory_bench_refuses_an_unknown_configuration():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory.py"), "--configs", "full_adamw,zero4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--configs: unknown zero4 (known: full_adamw," in proc.stderr
+
+
+@pytest.mark.slow
+def test_validation_bench_quick_prints_every_figure():
+    fig = _run("validation.py", "--quick", "--threads", "1", timeout=600)
+    assert fig["model"] == "tiny" and fig["clip"] == "5x64x64"
+    assert (fig["validation_videos"], fig["validation_failed"]) == ("1", "0")
+    train, held = float(fig["train_peak_mb"]), float(fig["train_held_mb"])
+    peak, decode = float(fig["validation_peak_mb"]), float(fig["vae_decode_peak_mb"])
+    assert 0 < held <= train and peak > 0 and decode > 0
+    assert float(fig["validation_above_train_peak_mb"]) == pytest.approx(peak - train, abs=0.02)
+    assert fig["within_goal"] == ("yes" if peak - train <= decode else "no")
+    step, round_s = float(fig["train_step_s"]), float(fig["validation_s"])
+    assert step > 0 and round_s > 0 and float(fig["vae_decode_s"]) > 0
+    assert float(fig["validation_vs_train_step"]) == pytest.approx(round_s / step, rel=0.02)
+
+
+def test_validation_bench_refuses_a_bad_clip():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "validation.py"), "--quick", "--frames", "6"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "--frames must be 4k+1 and --height/--width multiples of 16" in proc.stderr
+
+
+def test_plan_scale_bench_quick_prints_its_figures():
+    fig = _run("plan_scale.py", "--quick", timeout=300)
+    for label, n in (("1k", 1000), ("10k", 10000)):
+        assert int(fig[f"plan_rows_{label}"]) == n
+        # Half the rows are videos with 2 variants each: 1.5 samples a row, none failed.
+        assert int(fig[f"plan_samples_{label}"]) == n * 3 // 2
+        parts = sum(float(fig[f"{step}_s_{label}"]) for step in ("read", "build", "digest"))
+        assert float(fig[f"plan_s_{label}"]) == pytest.approx(parts, abs=0.02)
+        assert 0 < float(fig[f"plan_s_{label}"]) < 60
+        base, read = float(fig["plan_rss_mb_base"]), float(fig[f"read_rss_mb_{label}"])
+        assert 0 < base <= read <= float(fig[f"plan_rss_mb_{label}"])
+    assert float(fig["plan_growth_10k_vs_1k"]) > 1

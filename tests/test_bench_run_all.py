@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))  # `bench` is a folder of scripts, not an installe
 
 from bench import perf_report, run_all  # noqa: E402
 
-# Every figure issue 6 / BENCHMARKS.md asks run_all to print (precompute_s_<n> for 3 sizes), and
+# Every figure docs/performance.md defines for run_all to print (precompute_s_<n> for 3 sizes), and
 # the real-scale loader figure.
 HEADLINE = [
     "loader_vs_raw_read",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -277,9 +278,11 @@ def test_two_ranks_read_disjoint_halves(small_store):
 def test_dataset_never_carries_an_open_store(small_store):
     path, _ = small_store
     ds = StoreBatchDataset(path)
-    assert ds.__getstate__()["_reader"] is None
+    fresh = pickle.dumps(ds)  # what a spawned worker receives
+    assert b"StoreReader" not in fresh
     ds[("f1_h8_w8", [0])]
-    assert ds._reader is not None and ds.__getstate__()["_reader"] is None
+    assert ds.reader() is ds.reader()  # opened once in this process and kept
+    assert pickle.dumps(ds) == fresh  # still only the path and options, no open store
 
 
 def _damage(store_path, bucket, slot, tmp_path):

@@ -22,7 +22,7 @@ from cogfun.precompute.decode import (
     read_video_frames,
 )
 
-# ---------------------------------------------------------------- clip_indices (REFERENCE §2.2)
+# ------------------------------------------------ clip_indices (the original's frame sampling)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_decord_and_pyav_agree_on_rotated_clip(videos):
     pyav_frames = _read_pyav(videos["big_rot90"], indices)
     assert decord_frames.shape == pyav_frames.shape == (3, 160, 96, 3)
     assert np.array_equal(decord_frames, pyav_frames)
-    # the decord failure the PyAV fallback exists for (ENVIRONMENT.md)
+    # the decord failure the PyAV fallback exists for (get_batch on a small rotated clip)
     with pytest.raises(Exception, match="from_size == to_size"):
         _read_decord(videos["rot90"], indices)
 

@@ -19,7 +19,17 @@ from fault_support import OPTS, fault_dataset
 from safetensors.torch import load_file, save_file
 
 # Not fingerprinted: where things are, and how fast they are done.
-NOT_FINGERPRINTED = {"data", "meta", "model", "out", "decode_workers", "threads", "progress"}
+# validation_prompts only adds a side file of prompt embeddings (no training sample changes).
+NOT_FINGERPRINTED = {
+    "data",
+    "meta",
+    "model",
+    "out",
+    "decode_workers",
+    "threads",
+    "progress",
+    "validation_prompts",
+}
 
 # option -> (new value, settings keys the refusal must name)
 OPTION_CHANGES = {

@@ -42,12 +42,15 @@ def setup(tmp_path_factory, tiny_model_dir):
     return root, store, ref
 
 
+# A checkpoint writes 5 files: optimizer, scheduler, random states, transformer/ weights (bf16) and
+# the fp32 master weights.
 POINTS = {  # fault -> the file it hits, the step of the checkpoint `latest` must pick then
     "torn transformer weights in checkpoint-8": (
-        "ckpt-write:8",
+        "ckpt-write:9",
         "diffusion_pytorch_model.safetensors",
         4,
     ),
+    "torn master weights in checkpoint-8": ("ckpt-write:10", "master_weights.safetensors", 4),
     "before publishing checkpoint-12": ("ckpt-publish:3", ".tmp-checkpoint-12", 8),
 }
 
@@ -72,11 +75,11 @@ def test_kill_during_a_checkpoint_then_resume_is_identical(setup, tiny_model_dir
 
 @pytest.fixture(scope="module")
 def disk_full(setup, tiny_model_dir, tmp_path_factory):
-    """A run whose disk fills up at the first file of checkpoint-8 (its 5th checkpoint file)."""
+    """A run whose disk fills up at the first file of checkpoint-8 (its 6th checkpoint file)."""
     root, store, _ = setup
     out = tmp_path_factory.mktemp("disk_full") / "out"
     args = train_cli_args(store, tiny_model_dir, out)
-    return args, out, cogfun(args, hook_env(root, "ckpt-enospc:5"))
+    return args, out, cogfun(args, hook_env(root, "ckpt-enospc:6"))
 
 
 def test_disk_full_during_a_checkpoint_then_resume_is_identical(setup, disk_full):

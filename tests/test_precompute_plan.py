@@ -117,6 +117,30 @@ def test_provenance_and_normal_mode():
     assert strip == normal.samples
 
 
+def test_v15_plan_holds_only_patchable_frame_counts():
+    """With patch_size_t 2 (V1.5) the same rows, seeds and draws give the same samples, only their
+    frame counts clipped to even latent counts (or 1): 9 frames (3 latent) become 5."""
+    rows = [_row(i, "video", f"clip {i}") for i in range(12)] + [_row(20, "image", "still")]
+    probes = {
+        f"video:videos/{i}.mp4": MediaInfo(64 + 16 * (i % 3), 96, 30 + 4 * i) for i in range(12)
+    }
+    probes["image:images/20.png"] = MediaInfo(64, 64, 1)
+    cfg = _cfg(variants_per_sample=2)
+    plain, v15 = build_plan(rows, probes, cfg), build_plan(rows, probes, cfg, patch_size_t=2)
+    assert len(v15.samples) == len(plain.samples) == 25 and not v15.failures
+    assert {b.latent_frames for b in plain.store.buckets} == {1, 3}  # 9 frames -> 3 latent
+    assert {b.latent_frames for b in v15.store.buckets} == {1, 2}
+    by_key = {s.key: s for s in plain.samples}
+    for spec in v15.samples:
+        old = by_key[spec.key]
+        assert (spec.height, spec.width, spec.seed, spec.mask_seeds, spec.clip_frames) == (
+            old.height, old.width, old.seed, old.mask_seeds, old.clip_frames,
+        )  # fmt: skip
+        assert spec.frames == {9: 5, 5: 5, 1: 1}[old.frames], spec.key
+        assert spec.indices == old.indices[: spec.frames]  # the clip's leading frames
+    assert build_plan(rows, probes, cfg, patch_size_t=None).store == plain.store
+
+
 def test_sample_seeds_independent_of_k():
     s1, m1 = sample_seeds(42, 3, 0, 1, 4)
     s2, m2 = sample_seeds(42, 3, 0, 1, 2)

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from cogfun.common.media import make_sample_dataset
 from cogfun.common.store import StoreError, open_store
+from cogfun.precompute import headers, plan
 from cogfun.precompute.config import PrecomputeConfig
+from cogfun.precompute.decode import probe
+from cogfun.precompute.metadata import read_metadata
 from cogfun.precompute.run import run
 
 pytestmark = pytest.mark.slow
@@ -78,6 +81,23 @@ def test_two_processes_equal_one(dataset, tiny_model_dir, reference, tmp_path):
         for m in re.finditer(r"process (\d) of 2: stored (\d+) samples", res.stderr)
     }
     assert set(stored) == {0, 1} and min(stored.values()) > 0
+    # Each rank read the headers of its own share of the files, none all of them.
+    probed = {
+        int(m[1]): (int(m[2]), int(m[3]), int(m[4]))
+        for m in re.finditer(
+            r"process (\d) of 2: header pass: (\d+) files in this share, (\d+) probed, "
+            r"(\d+) from the cache",
+            res.stderr,
+        )
+    }
+    assert set(probed) == {0, 1}, res.stderr[-3000:]
+    needed = len(headers.needed(read_metadata(dataset / "metadata.json", dataset)))
+    assert needed >= 6 and sum(p[1] for p in probed.values()) == needed
+    assert all(0 < p[1] < needed and p == (p[1], p[1], 0) for p in probed.values()), probed
+    assert sorted(f.name for f in headers.probe_dir(out).iterdir()) == [
+        "rank0-of-2.json",
+        "rank1-of-2.json",
+    ]
     digest, count = reference
     assert sum(stored.values()) == count
     assert "backend gloo" in res.stderr
@@ -94,7 +114,9 @@ def _done(out: Path) -> int:
     return sum(len(i.slots) for i in r.buckets.values())
 
 
-def test_kill_9_then_resume_equals_uninterrupted(dataset, tiny_model_dir, reference, tmp_path):
+def test_kill_9_then_resume_equals_uninterrupted(
+    dataset, tiny_model_dir, reference, tmp_path, monkeypatch
+):
     digest, count = reference
     out = tmp_path / "killed.zarr"
     cmd = [str(BIN / "cogfun"), "precompute", *_flags(dataset, tiny_model_dir, out)]
@@ -123,7 +145,15 @@ def test_kill_9_then_resume_equals_uninterrupted(dataset, tiny_model_dir, refere
     assert 2 <= at_kill < count, (at_kill, count)
     partial = open_store(out, allow_incomplete=True)
     assert partial.status == "writing" and partial.verify() == []  # nothing torn
+    opened: list[str] = []
+
+    def counting(path, kind):
+        opened.append(str(path))
+        return probe(path, kind)
+
+    monkeypatch.setattr(plan, "probe", counting)
     assert run(PrecomputeConfig(data=dataset, model=tiny_model_dir, out=out, **OPTS)) == 0
+    assert opened == []  # every header came from the killed run's probe cache
     r = open_store(out)
     assert r.status == "complete" and sum(len(i.slots) for i in r.buckets.values()) == count
     assert r.digest() == digest

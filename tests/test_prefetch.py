@@ -77,18 +77,39 @@ def test_stream_continues_across_epochs_and_restarts_elsewhere(store, backend):
     loader, sampler = make_dataloader(store, 2, 2, seed=3, rank=0, world=1, backend=backend)
     sampler.set_epoch(0)
     list(loader)
-    assert loader._stream.start == (0, 0)  # where the stream was (re)started
+    assert loader.stream_start == (0, 0)  # where the stream was (re)started
     sampler.set_epoch(1)  # where the stream already is: no restart
     first = next(iter(loader))
-    assert loader._stream.start == (0, 0) and _keys([first]) == sampler.epoch_batches(1)[:1]
+    assert loader.stream_start == (0, 0) and _keys([first]) == sampler.epoch_batches(1)[:1]
     sampler.set_position(1, 1)  # exactly where the last pass stopped: still no restart
     rest = list(loader)
-    assert loader._stream.start == (0, 0) and _keys(rest) == sampler.epoch_batches(1)[1:]
+    assert loader.stream_start == (0, 0) and _keys(rest) == sampler.epoch_batches(1)[1:]
     sampler.set_position(0, 4)  # elsewhere: the stream restarts there
     assert _keys(loader) == sampler.epoch_batches(0)[4:]
-    assert loader._stream.start == (0, 4)
+    assert loader.stream_start == (0, 4)
     assert _keys(loader) == sampler.epoch_batches(0)  # no set_epoch: the same epoch again
     assert len(loader) == len(sampler) == 6
+
+
+@pytest.mark.parametrize(("backend", "workers"), BACKEND_WORKERS)
+def test_follow_starts_where_the_state_stands_and_advances_it(store, backend, workers):
+    """Training's way through the loader: from a `TrainingState`'s position on, epoch after epoch,
+    each batch counted in the state as it is handed out; the sampler's own position is not used."""
+    from cogfun.train.state import TrainingState
+
+    loader, sampler = make_dataloader(store, 2, workers, seed=5, rank=0, world=1, backend=backend)
+    n = len(sampler)
+    state = TrainingState(batches_per_epoch=n, order=sampler.order(), epoch=1, batches_done=n - 2)
+    sampler.set_position(0, 3)  # by-hand position: not training's
+    stream = loader.follow(state)
+    got = [next(stream) for _ in range(2)]
+    assert _keys(got) == sampler.epoch_batches(1)[n - 2 :]
+    assert state.position == (1, n) and state.epoch_ended
+    third = next(stream)
+    assert _keys([third]) == sampler.epoch_batches(2)[:1] and state.position == (2, 1)
+    assert loader.stream_start == (1, n - 2)  # one stream, read ahead across the epoch end
+    assert loader.next_position == (2, 1)
+    assert _keys(loader) == sampler.epoch_batches(0)[3:]  # the by-hand pass is still there
 
 
 @pytest.mark.parametrize(("backend", "workers"), BACKEND_WORKERS)
@@ -112,10 +133,7 @@ def test_a_failed_read_ends_the_stream_and_a_new_pass_starts_afresh(
     sampler.set_epoch(0)
     with pytest.raises(OSError, match="disk hiccup"):
         list(loader)
-    if backend == "processes":
-        assert loader._live[0] is None
-    else:
-        assert loader._source is None and not loader._pending
+    assert loader.next_position is None  # no stream runs: the next pass starts one
     sampler.set_epoch(0)
     assert _keys(loader) == sampler.epoch_batches(0)
 
@@ -187,16 +205,16 @@ def test_reader_threads_pin_every_tensor_when_asked(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
     batch = {"latents": torch.zeros(2, 3), "caption": torch.tensor([1, 0]), "bucket": "b"}
-    out = threaded._read({("b", (0,)): batch}, True, ("b", (0,)))
+    out = threaded.fetch({("b", (0,)): batch}, True, ("b", (0,)))
     assert sorted(pinned) == [(2,), (2, 3)] and out["bucket"] == "b"
     assert torch.equal(out["latents"], batch["latents"]) and out["latents"] is not batch["latents"]
-    assert threaded._read({("b", (0,)): batch}, False, ("b", (0,))) is batch
+    assert threaded.fetch({("b", (0,)): batch}, False, ("b", (0,))) is batch
 
 
 def test_a_batch_reads_only_the_plan_chunks_that_hold_its_slots(tmp_path, monkeypatch):
     """Caption indices and provenance hashes come from the plan chunks holding the batch's slots
     (read once each), so a 100k-sample bucket's first batch costs what a 1k one's does."""
-    from cogfun.common import store_schema
+    from cogfun.common import store_chunks, store_schema
     from cogfun.common.store import open_store
 
     monkeypatch.setattr(store_schema, "PLAN_CHUNK_ROWS", 3)  # 10 rows: chunks 0-2, 3-5, 6-8, 9
@@ -215,12 +233,20 @@ def test_a_batch_reads_only_the_plan_chunks_that_hold_its_slots(tmp_path, monkey
         w.write_caption(i, torch.full((3, 4), float(i)))
     w.write_samples("f1_h8_w8", range(10), torch.ones(10, 1, 4, 1, 1, dtype=torch.bfloat16))
     w.finalize()
+    reads, real = [], store_chunks.ChunkFiles.read_chunk
+
+    def counted(self, index):
+        reads.append((self.folder.name, index))
+        return real(self, index)
+
+    monkeypatch.setattr(store_chunks.ChunkFiles, "read_chunk", counted)
     reader = open_store(path)
     batch = reader.read_batch("f1_h8_w8", [7, 2, 6])  # chunks 2 and 0, checksums verified
     assert batch["caption"].tolist() == [1 + 7 % 3, 1 + 2 % 3, 1 + 6 % 3]
-    assert sorted(reader._rows) == [("f1_h8_w8", 0), ("f1_h8_w8", 2)]
-    assert reader.read_batch("f1_h8_w8", [9])["caption"].tolist() == [1]
-    assert sorted(k[1] for k in reader._rows) == [0, 2, 3]
+    plan_arrays = ("caption", "provenance_hash")
+    assert sorted(reads) == sorted((a, c) for a in plan_arrays for c in (0, 2))
+    assert reader.read_batch("f1_h8_w8", [9, 2])["caption"].tolist() == [1, 1 + 2 % 3]
+    assert sorted(reads) == sorted((a, c) for a in plan_arrays for c in (0, 2, 3))  # 0: once
 
 
 def test_reader_threads_work_on_the_training_process_device(store, monkeypatch):

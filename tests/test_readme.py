@@ -24,5 +24,6 @@ def test_readme_option_tables_match_the_configs():
 def test_ci_runs_the_readme_commands():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "pip install -e '.[dev]'" in readme and "pip install -q -e '.[dev]'" in ci
+    install = "-c requirements/lock.txt -e '.[dev]'"
+    assert f"pip install {install}" in readme and f"pip install -q {install}" in ci
     assert "python -m pytest" in readme and "python -m pytest -q" in ci

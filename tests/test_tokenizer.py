@@ -1,7 +1,7 @@
 """Real tokenizer folders: a sentencepiece `spiece.model` laid out as t5-v1_1-xxl ships it.
 
 A small unigram model is trained here, so the test needs no download, and cogfun's loader must give
-sentencepiece's own ids plus EOS, padded/truncated to 226 as the original (REFERENCE §6).
+sentencepiece's own ids plus EOS, padded/truncated to 226 as the original's scripts/train.py.
 """
 
 from __future__ import annotations

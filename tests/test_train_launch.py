@@ -122,6 +122,8 @@ def test_accelerate_launch_trains_saves_and_resumes(case, shared, tmp_path):
     out = tmp_path / "out"
     options = dict(max_train_steps=2, checkpointing_steps=2, mixed_precision="bf16")
     options["use_came"] = kind == "deepspeed"
+    # --save-dtype under DeepSpeed: fp32 is assembled from ZeRO's fp32 partitions on 2 processes.
+    options["save_dtype"] = "fp32" if case == "deepspeed-2" else "bf16"
     if kind == "ddp":
         options.update(mixed_precision="no", dataloader_num_workers=1)
     first = _launch(kind, nproc, store, model, out, **options)
@@ -130,6 +132,15 @@ def test_accelerate_launch_trains_saves_and_resumes(case, shared, tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     _check_rows(rows, nproc)
+    saved = _weights(out / "checkpoint-2" / "transformer")
+    if options["save_dtype"] == "fp32":
+        assert {v.dtype for v in saved.values()} == {torch.float32}
+        # The masters, not the engine's bf16 module upcast: trained values carry fp32 precision.
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in saved.values())
+    else:
+        assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    masters = out / "checkpoint-2" / "master_weights.safetensors"
+    assert masters.is_file() == (kind == "ddp")  # DeepSpeed keeps its masters in pytorch_model/
     if kind == "deepspeed":
         assert "CAME under DeepSpeed ZeRO-2" in first.stderr
         assert f"DeepSpeed ZeRO-2, {nproc} process(es)" in first.stderr

@@ -66,6 +66,13 @@ def test_run_outputs_metrics_checkpoints_plot_and_tensorboard(shared, tmp_path, 
     assert all(torch.equal(p, saved[n]) for n, p in plain.named_parameters())
     initial = _weights(tiny_model_dir / "transformer")
     assert not torch.equal(saved["proj_out.weight"], initial["proj_out.weight"])
+    # transformer/ is bf16 (--save-dtype's default, what the original ships); the fp32 masters
+    # beside it are what a resume loads, and transformer/ is them rounded to bf16.
+    masters = load_file(ckpt / "master_weights.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    assert {v.dtype for v in masters.values()} == {torch.float32} and masters.keys() == saved.keys()
+    assert all(torch.equal(masters[k].bfloat16(), saved[k]) for k in saved)
+    assert not all(torch.equal(masters[k], saved[k].float()) for k in saved)
 
 
 RESUME_CASES = {
@@ -144,18 +151,71 @@ def test_every_loader_gives_the_same_run(shared, tmp_path):
     assert got["threads"] == got["processes"] == got["inline"]
 
 
-def test_16_channel_checkpoint_starts_an_inpaint_run(tmp_path_factory, tmp_path, shared):
+def test_16_channel_checkpoint_starts_an_inpaint_run(tmp_path_factory, tmp_path, shared, caplog):
     store, _ = shared
     t2v = transformer_only_model(tmp_path_factory.getbasetemp(), None, "2b")
     before = _weights(t2v / "transformer")["patch_embed.proj.weight"]  # (D, 16, 2, 2)
     # One step at warmup lr 0 leaves the weights as loaded: zero-initialised extra channels.
-    run_in_process(latents=store, model=t2v, output_dir=tmp_path, max_train_steps=1)
+    with caplog.at_level("WARNING", logger="cogfun.train.resolve"):
+        run_in_process(
+            latents=store,
+            model=t2v,
+            output_dir=tmp_path,
+            max_train_steps=1,
+            mode="inpaint",
+            save_dtype="fp32",
+        )
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"--mode inpaint widens the transformer of {t2v} from 16 to 33 input")
     ckpt = tmp_path / "checkpoint-1" / "transformer"
     assert json.loads((ckpt / "config.json").read_text())["in_channels"] == 33
     after = _weights(ckpt)["patch_embed.proj.weight"]  # (D, 33, 2, 2)
     assert after.shape[1] == 33 and torch.equal(after[:, :16], before)
     assert not after[:, 16:].any()
     assert metrics(tmp_path)[0]["loss"] > 0
+
+
+@pytest.mark.parametrize("variant,mode,channels", [("2b", "normal", 16), ("2b-inp", "inpaint", 33)])
+def test_mode_defaults_to_what_the_model_is(variant, mode, channels, shared, tmp_path, caplog):
+    """`cogfun tiny-model --variant 2b` trains text-to-video and `2b-inp` inpaint, with no --mode:
+    no default changes the model's input channels."""
+    from cogfun.common.cli import app
+
+    model = tmp_path / "model"
+    res = CliRunner().invoke(app, ["tiny-model", str(model), "--variant", variant])
+    assert res.exit_code == 0, res.output
+    with caplog.at_level("INFO", logger="cogfun.train.resolve"):
+        run_in_process(latents=shared[0], model=model, output_dir=tmp_path / "o", max_train_steps=1)
+    assert f"--mode {mode}: the model's transformer takes {channels} input channels" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    state = json.loads((tmp_path / "o/checkpoint-1/trainer_state.json").read_text())
+    assert state["config"]["mode"] == mode  # the resolved mode is what a resume compares
+    cfg = json.loads((tmp_path / "o/checkpoint-1/transformer/config.json").read_text())
+    assert cfg["in_channels"] == channels
+
+
+def test_save_dtype_sets_the_inference_weights_and_resume_needs_the_masters(shared, tmp_path):
+    store, model = shared
+    kw = dict(latents=store, model=model, checkpointing_steps=1)
+    run_in_process(output_dir=tmp_path / "fp32", max_train_steps=2, save_dtype="fp32", **kw)
+    ckpt = tmp_path / "fp32" / "checkpoint-2"
+    assert {v.dtype for v in _weights(ckpt / "transformer").values()} == {torch.float32}
+    assert not (ckpt / "master_weights.safetensors").exists()  # transformer/ is the masters
+    # A resume from the fp32 checkpoint, saving bf16 from then on, continues exactly.
+    run_in_process(output_dir=tmp_path / "fp32", max_train_steps=3, **kw)
+    run_in_process(output_dir=tmp_path / "straight", max_train_steps=3, **kw)
+    for key in ("step", "loss", "lr", "grad_norm"):
+        got = [r[key] for r in metrics(tmp_path / "fp32")]
+        assert got == [r[key] for r in metrics(tmp_path / "straight")], key
+    bf16 = tmp_path / "straight" / "checkpoint-3"
+    assert {v.dtype for v in _weights(bf16 / "transformer").values()} == {torch.bfloat16}
+    (bf16 / "master_weights.safetensors").unlink()
+    res = _cli(
+        ["--latents", store, "--model", model, "--output-dir", tmp_path / "straight"]
+        + ["--max-train-steps", "4", "--report-to", "none", "--dataloader-num-workers", "0"]
+    )
+    assert res.exit_code == 2
+    assert "holds BF16 weights and there is no master_weights.safetensors" in res.output
 
 
 def test_normal_mode_trains_a_t2v_model_on_an_inpaint_store(tmp_path_factory, tmp_path, shared):
@@ -200,6 +260,7 @@ def test_training_options_reach_the_step(shared, tmp_path, tiny_model_dir):
         motion_sub_loss=True,
         lr_scheduler="linear",
         lr_warmup_steps=1,
+        save_dtype="fp32",  # unchanged weights compare equal to the model's fp32 ones
     )
     rows = metrics(tmp_path)
     # f5_h8_w8 (5x64x64 pixels) and f1_h8_w12 are both small: every batch of 2 is tiled x4.

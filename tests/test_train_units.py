@@ -17,7 +17,7 @@ from cogfun.train.checkpoint import (
     prune,
     remove_stale,
 )
-from cogfun.train.loop import step_seed, tile_batch, tile_factor
+from cogfun.train.loop import step_seed, tile_batch
 from cogfun.train.metrics import read_metrics, truncate_metrics
 
 
@@ -112,15 +112,87 @@ def test_came_and_adamw_settings():
     )
 
 
-def test_auto_tile_factors_and_order():
-    assert tile_factor(49, 128, 128) == 4  # 802,816 pixels: the x4 limit itself
-    assert tile_factor(49, 256, 256) == 2  # 3,211,264: the x2 limit itself (>=, as the original)
-    assert tile_factor(49, 512, 512) == 1
-    assert tile_factor(1, 1024, 1024) == 2 and tile_factor(1, 816, 816) == 4
+class _Bucket:
+    def __init__(self, frames, height, width):
+        self.frames, self.height, self.width = frames, height, width
+
+
+class _Store:
+    def __init__(self, settings):
+        self.settings = settings
+        self.buckets = {
+            "v49_256": _Bucket(49, 256, 256),  # 3,211,264 pixels: the x2 limit itself (>=)
+            "v49_128": _Bucket(49, 128, 128),  # 802,816: the x4 limit itself
+            "v49_512": _Bucket(49, 512, 512),
+            "i1024": _Bucket(1, 1024, 1024),
+            "i816": _Bucket(1, 816, 816),
+        }
+
+
+def test_batch_tiling_follows_the_store_unless_told():
+    from cogfun.train.config import TrainConfig
+    from cogfun.train.resolve import tile_factors
+
+    token_buckets = _Store({"training_with_video_token_length": True})
+    cfg, tiles = tile_factors(TrainConfig(), token_buckets)
+    assert cfg.auto_tile_batch_size is True  # resolved: recorded in the checkpoint's config
+    assert tiles == {"v49_256": 2, "v49_128": 4, "v49_512": 1, "i1024": 2, "i816": 4}
+    cfg, tiles = tile_factors(TrainConfig(auto_tile_batch_size=False), token_buckets)
+    assert cfg.auto_tile_batch_size is False and set(tiles.values()) == {1}
+    plain = _Store({"training_with_video_token_length": False})
+    cfg, tiles = tile_factors(TrainConfig(), plain)
+    assert cfg.auto_tile_batch_size is False and set(tiles.values()) == {1}
+    cfg, tiles = tile_factors(TrainConfig(auto_tile_batch_size=True), plain)
+    assert tiles["v49_128"] == 4 and tiles["v49_512"] == 1
+    # The limits scale with the store's frame count and token size, as the original's do: at
+    # token size 128 a 49-frame 128x128 clip is past both (50,176 and 200,704 pixels).
+    small = _Store({"training_with_video_token_length": True, "token_sample_size": 128})
+    _, tiles = tile_factors(TrainConfig(), small)
+    assert tiles["v49_128"] == 1 and tiles["i816"] == 1
+    assert tile_factors(TrainConfig(), _Store({}))[0].auto_tile_batch_size is False
+
+
+def test_store_options_without_data_are_refused_naming_each(tmp_path):
+    from cogfun.train.preflight import TrainRefused
+    from cogfun.train.store_build import check_store_options
+
+    check_store_options({}, tmp_path)  # nothing to build: the store at --latents as it is
+    with pytest.raises(TrainRefused) as err:
+        check_store_options({"video_sample_stride": 2, "image_sample_size": 512}, tmp_path)
+    assert str(err.value).startswith(
+        "--image-sample-size, --video-sample-stride set how a store is built, which needs --data"
+    )
+
+
+def test_tiling_repeats_the_batch_in_order():
     raw = {"latents": torch.arange(2)[:, None], "slots": [3, 7], "bucket": "b"}
     tiled = tile_batch(raw, 2)
     assert tiled["latents"][:, 0].tolist() == [0, 1, 0, 1]
     assert tiled["slots"] == [3, 7, 3, 7] and tiled["bucket"] == "b"
+    assert tile_batch(raw, 1) is raw
+
+
+def test_mode_defaults_to_the_model_and_widening_is_announced(caplog, tmp_path):
+    from cogfun.train.config import TrainConfig
+    from cogfun.train.preflight import TrainRefused
+    from cogfun.train.resolve import resolve_mode
+
+    inp, t2v = {"in_channels": 33, "out_channels": 16}, {"in_channels": 16, "out_channels": 16}
+    with caplog.at_level("INFO", logger="cogfun.train.resolve"):
+        assert resolve_mode(TrainConfig(), inp, tmp_path).mode == "inpaint"
+        assert resolve_mode(TrainConfig(), t2v, tmp_path).mode == "normal"
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "--mode normal: the model's transformer takes 16 input channels" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cogfun.train.resolve"):
+        assert resolve_mode(TrainConfig(mode="inpaint"), t2v, tmp_path).mode == "inpaint"
+        assert resolve_mode(TrainConfig(mode="normal"), inp, tmp_path).mode == "normal"
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.getMessage().startswith(
+        f"--mode inpaint widens the transformer of {tmp_path} from 16 to 33 input channels"
+    )
+    with pytest.raises(TrainRefused, match="control training is not supported"):
+        resolve_mode(TrainConfig(), {"in_channels": 32, "out_channels": 16}, tmp_path)
 
 
 def test_step_seeds_differ_by_rank_step_and_micro_step():

@@ -2,12 +2,15 @@
 
 A checkpoint holds
 
-    transformer/          diffusers save_pretrained (CogVideoXTransformer3DModel.from_pretrained loads it)
-    transformer_ema/      the EMA weights, when --use-ema
+    transformer/          diffusers layout in --save-dtype (bf16 by default, as the original ships its
+                          models; CogVideoXTransformer3DModel.from_pretrained loads it)
+    master_weights.safetensors   the fp32 master weights, when transformer/ is not fp32 (no DeepSpeed)
+    transformer_ema/      the EMA weights (fp32), when --use-ema
     optimizer.bin, scheduler.bin, random_states_<rank>.pkl    accelerate's save_state (no model copy);
     pytorch_model/        under DeepSpeed: the engine's model and ZeRO optimizer shards
     train_config.json     the resolved config (usable as `cogfun train --config`)
-    trainer_state.json    global step, epoch, batches done in the epoch, world size, version (written last)
+    trainer_state.json    `TrainingState.state_dict()` (global step, epoch, batches done in the epoch,
+                          world size, the data order), the stores, version, config (written last)
 
 It is written as `output_dir/.tmp-checkpoint-N` and renamed once complete, so a crash mid-save never
 leaves a directory named `checkpoint-<int>`; stale temporaries are removed at the next start. Every rank
@@ -24,16 +27,17 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from cogfun.train import distributed
-from safetensors.torch import load_file
-from torch import nn
+from cogfun.train import distributed, lora_train
+from cogfun.train.state import TrainingState
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -42,37 +46,20 @@ TMP_PREFIX = ".tmp-checkpoint-"
 OLD_PREFIX = ".old-checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "train_config.json"
+MASTER_WEIGHTS = "master_weights.safetensors"
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class CheckpointError(Exception):
     """A checkpoint asked for is missing, incomplete or does not fit this run."""
 
 
-@dataclass
-class TrainerState:
-    """Where training stands: enough, with the checkpoint's weights and optimizer, to resume exactly.
-
-    `batches_done` counts the batches this rank has taken from `epoch` (every rank takes the same
-    number: the sampler gives them equal shares).
-    """
-
-    global_step: int = 0
-    epoch: int = 0
-    batches_done: int = 0
-    world_size: int = 1
-
-    def state_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, int(state[f.name]))
-
-
 def resolved_config(config: Any) -> dict[str, Any]:
     """The run's config as JSON-ready values (paths as strings)."""
     out = {}
     for key, value in dataclasses.asdict(config).items():
+        if isinstance(value, list):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
         out[key] = str(value) if isinstance(value, Path) else value
     return out
 
@@ -165,12 +152,18 @@ def save_checkpoint(
     output_dir: Path,
     model: nn.Module,
     ema: Any | None,
-    state: TrainerState,
+    state: TrainingState,
     config: dict[str, Any],
     extra: dict[str, Any],
     total_limit: int | None,
+    save_dtype: str = "bf16",
 ) -> Path:
-    """Write `checkpoint-<global_step>` (every rank must call it); returns its path."""
+    """Write `checkpoint-<global_step>` (every rank must call it); returns its path.
+
+    `transformer/` holds the weights in `save_dtype`, for inference. Resuming needs the fp32
+    masters: without DeepSpeed they go to `master_weights.safetensors` when `transformer/` is not
+    fp32; under DeepSpeed the engine's own checkpoint (`pytorch_model/`) holds them, and an fp32
+    `transformer/` is assembled from its fp32 partitions."""
     step = state.global_step
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"{TMP_PREFIX}{step}"
@@ -181,11 +174,21 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     distributed.save_state(accelerator, tmp)
     weights = distributed.model_state_dict(accelerator, model)
+    deepspeed = distributed.is_deepspeed(accelerator)
+    dtype = SAVE_DTYPES[save_dtype]
+    if deepspeed and dtype == torch.float32:
+        weights = _deepspeed_fp32_weights(accelerator, model, weights)  # collective
     if accelerator.is_main_process:
         core = distributed.unwrap(accelerator, model)
-        core.save_pretrained(tmp / "transformer", state_dict=weights, safe_serialization=True)
-        if ema is not None:
-            ema.save_pretrained(str(tmp / "transformer_ema"))
+        if lora_train.is_lora(core):  # --lora: the adapters (and their EMA), no transformer/
+            lora_train.save_checkpoint_files(tmp, core, weights, ema, step, save_dtype)
+        else:
+            save_transformer(core, weights, tmp / "transformer", dtype)
+            if not deepspeed and any(v.dtype != dtype for v in weights.values()):
+                masters = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+                save_file(masters, tmp / MASTER_WEIGHTS)
+            if ema is not None:
+                ema.save_pretrained(str(tmp / "transformer_ema"))
         _write_json(tmp / CONFIG_FILE, config)
         trainer_state = {
             **state.state_dict(),
@@ -201,9 +204,56 @@ def save_checkpoint(
     return final
 
 
+def save_transformer(
+    core: nn.Module, weights: dict[str, Tensor], folder: Path, dtype: torch.dtype
+) -> None:
+    """What `save_pretrained` writes (config.json, safetensors shards of at most 10 GB with their
+    index), with `weights` cast to `dtype`. diffusers' `save_pretrained` takes no state dict: it
+    always writes the module's own tensors, which are the fp32 masters outside DeepSpeed."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    folder.mkdir(parents=True)
+    core.save_config(folder)
+    split = split_torch_state_dict_into_shards(
+        weights,
+        max_shard_size="10GB",
+        filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+    )
+    for filename, names in split.filename_to_tensors.items():
+        shard = {
+            n: (weights[n].to(dtype) if weights[n].is_floating_point() else weights[n])
+            .detach()
+            .cpu()
+            .contiguous()
+            for n in names
+        }
+        save_file(shard, folder / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        _write_json(folder / SAFE_WEIGHTS_INDEX_NAME, index)
+
+
+def _deepspeed_fp32_weights(
+    accelerator: Accelerator, model: nn.Module, weights: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """The engine's fp32 master copy of each trained parameter (every rank must call it: ZeRO
+    gathers the partitions); parameters DeepSpeed keeps no master of (frozen ones) stay as the
+    engine holds them, upcast."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = dict(weights)
+    for name, param in distributed.unwrap(accelerator, model).named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is not None and name in out:
+            out[name] = full.detach().to("cpu", torch.float32)
+    return out
+
+
 def load_transformer_weights(model: nn.Module, folder: Path) -> None:
-    """Load a `save_pretrained` folder's safetensors into `model` (strict: every key, same shapes)."""
-    files = sorted(folder.glob("*.safetensors"))
+    """Load a `save_pretrained` folder's safetensors (or one safetensors file) into `model`
+    (strict: every key, same shapes)."""
+    files = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors weights")
     state: dict[str, torch.Tensor] = {}
@@ -217,13 +267,19 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore weights, optimizer, LR scheduler (and EMA) from `checkpoint`; returns trainer_state.
 
-    Every rank must call it. Without DeepSpeed the weights come from `transformer/` (fp32, exact);
-    under DeepSpeed the engine restores its module and fp32 master partitions.
+    Every rank must call it. Without DeepSpeed the weights come from the fp32 masters
+    (`master_weights.safetensors`, or `transformer/` when it was saved in fp32): exact; under
+    DeepSpeed the engine restores its module and fp32 master partitions.
     """
     state = read_trainer_state(checkpoint)
     core = distributed.unwrap(accelerator, model)
-    if not distributed.is_deepspeed(accelerator):
-        load_transformer_weights(core, checkpoint / "transformer")
+    if lora_train.is_lora(core):  # --lora: the adapters and their EMA
+        lora_train.load_checkpoint_files(
+            checkpoint, core, ema, distributed.is_deepspeed(accelerator)
+        )
+        ema = None
+    elif not distributed.saves_model_itself(accelerator):  # DeepSpeed, FSDP: in load_state
+        load_transformer_weights(core, _masters(checkpoint))
     distributed.load_state(accelerator, checkpoint)
     if ema is not None:
         folder = checkpoint / "transformer_ema"
@@ -234,6 +290,22 @@ def load_checkpoint(
             )
         load_ema(ema, folder, core)
     return state
+
+
+def _masters(checkpoint: Path) -> Path:
+    """Where a checkpoint keeps its fp32 weights; one without them cannot resume exactly."""
+    if (checkpoint / MASTER_WEIGHTS).is_file():
+        return checkpoint / MASTER_WEIGHTS
+    folder = checkpoint / "transformer"
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+        if dtypes - {"F32", "I64", "BOOL"}:
+            raise CheckpointError(
+                f"{checkpoint}: transformer/ holds {'/'.join(sorted(dtypes))} weights and there is "
+                f"no {MASTER_WEIGHTS}: the fp32 master weights to resume from exactly are missing"
+            )
+    return folder
 
 
 # The counters `EMAModel.save_pretrained` writes into the folder's config.json.

@@ -1,7 +1,10 @@
 """`TrainConfig`: every option of `cogfun train`, declared once.
 
-Defaults are those of the original's recommended training command (DESIGN.md, "Defaults"), so
-`cogfun train --mode inpaint` is the recommended run.
+Defaults are those of the original's recommended training command, so `cogfun train` is the
+recommended run. Two defaults are read at run time rather than fixed: `--mode` is what the model is
+(its transformer's input channels) and batch tiling follows the store (on when it was encoded with
+token-length buckets, as the original tiles then). `cogfun train` also takes `cogfun precompute`'s
+options (all but `--out`): given `--data` it builds or reuses the store at `--latents` first.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ DEFAULT_MODEL = "models/Diffusion_Transformer/CogVideoX-Fun-2b-InP"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    latents: Path = option(Path("latents.zarr"), "Zarr store written by `cogfun precompute`.")
+    latents: list[Path] = option(
+        help="Zarr store(s) written by `cogfun precompute`. Several train on together "
+        "(`--latents A.zarr B.zarr:3`): `:N` (a whole number, default 1) puts each sample of that "
+        "store N times in every epoch, as the original's video_repeat does; a batch is always "
+        "from one bucket of one store.",
+        factory=lambda: [Path("latents.zarr")],
+        shown="latents.zarr",
+        variadic=True,
+    )
     model: Path = option(
         Path(DEFAULT_MODEL),
         "CogVideoX-Fun model folder; only transformer/ and scheduler/ are loaded.",
@@ -28,11 +39,14 @@ class TrainConfig:
     output_dir: Path = option(
         Path("output_dir"), "Checkpoints, metrics.jsonl, logs and loss.png go here."
     )
-    mode: str = option(
-        "inpaint",
-        "inpaint (33-channel input with masks) or normal (16-channel text-to-video).",
+    mode: str | None = option(
+        None,
+        "inpaint (33-channel input with masks) or normal (16-channel text-to-video). Default: "
+        "what the model is (transformer/config.json in_channels 33: inpaint, 16: normal); "
+        "widening a 16-channel model to 33 channels needs --mode inpaint given explicitly.",
         aliases=("train_mode",),
         choices=("inpaint", "normal"),
+        shown="the model's",
     )
     seed: int = option(
         42, "Seed of noise, timesteps, mask-variant picks, caption dropout and data order."
@@ -82,6 +96,11 @@ class TrainConfig:
     use_came: bool = option(
         True, "CAME optimizer (betas 0.9/0.999/0.9999, eps 1e-30/1e-16) instead of AdamW."
     )
+    use_8bit_adam: bool = option(
+        False,
+        "bitsandbytes' 8-bit AdamW (same betas, decay, eps; moments in 8 bits: ~2 instead of 8 "
+        "bytes per trained parameter). Needs --no-use-came; not under DeepSpeed or FSDP.",
+    )
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_weight_decay: float = option(
@@ -115,6 +134,24 @@ class TrainConfig:
     trainable_modules_low_learning_rate: list[str] = option(
         help="Parameter-name substrings trained at half the learning rate.", factory=list
     )
+    lora: bool = option(
+        False,
+        "Train LoRA adapters instead of the whole transformer (the original's train_lora.py); "
+        "checkpoints hold the adapters in the original's and diffusers' formats.",
+    )
+    rank: int = option(128, "--lora: rank of the LoRA update matrices.")
+    network_alpha: int = option(64, "--lora: the update is scaled by network_alpha / rank.")
+    lora_target_modules: list[str] = option(
+        help="--lora: layers that get adapters, by name or dotted suffix (to_q, attn1.to_out.0); "
+        "default every Linear of the transformer, as the original.",
+        factory=list,
+    )
+    lora_base_dtype: str = option(
+        "auto",
+        "--lora: dtype of the frozen base weights; auto = the --mixed-precision dtype (as the "
+        "original), fp32 keeps them fp32.",
+        choices=("auto", "fp32"),
+    )
     use_ema: bool = option(
         False, "Keep an EMA copy of the transformer (saved as transformer_ema/)."
     )
@@ -127,12 +164,29 @@ class TrainConfig:
     caption_dropout: float = option(
         0.1, "Probability of training on the empty caption (classifier-free guidance)."
     )
-    auto_tile_batch_size: bool = option(
-        False,
-        "Repeat small batches x2/x4 with fresh noise and timesteps (VideoX-Fun's --auto_tile_batch_size).",
+    auto_tile_batch_size: bool | None = option(
+        None,
+        "Repeat small batches x2/x4 with fresh noise and timesteps, as the original does whenever "
+        "--training_with_video_token_length is on. Default: on when the store was encoded with "
+        "token-length buckets; --no-auto-tile-batch-size turns it off.",
+        shown="the store's",
+    )
+    save_dtype: str = option(
+        "bf16",
+        "dtype of each checkpoint's transformer/ folder (for inference; the original ships bf16). "
+        "Resuming always uses the fp32 master weights.",
+        choices=("bf16", "fp32"),
     )
     skip_damaged: bool = option(
-        False, "Skip store samples whose checksum fails instead of stopping."
+        False,
+        "Skip store samples whose checksum fails instead of stopping (an I/O error is retried, "
+        "then stops the run: it is not damage).",
+    )
+    max_nonfinite_steps: int = option(
+        5,
+        "Stop after this many optimizer steps in a row whose loss or gradient norm is NaN/inf "
+        "(their updates are skipped), saving a final checkpoint of the last finite weights and "
+        "exiting with code 3; 0: never stop.",
     )
     use_deepspeed: bool = option(
         False, "Accepted for compatibility: DeepSpeed is what `accelerate launch` set up."
@@ -145,3 +199,32 @@ class TrainConfig:
         "Progress display: auto (bar on a terminal, log lines otherwise), bar, log, none.",
         choices=("auto", "bar", "log", "none"),
     )
+    validation_prompts: list[str] = option(
+        help="Prompts sampled during training (repeat the flag per prompt), or one .txt file (a "
+        "prompt per line) or `cogfun encode-prompts` .safetensors file, or `store`: the prompts "
+        "`cogfun precompute --validation-prompts` encoded into the --latents store. Texts go "
+        "through T5 once before training; T5 is released before the first step.",
+        factory=list,
+    )
+    validation_paths: list[Path] = option(
+        help="Start images, one per validation prompt in order: validation samples image to "
+        "video from them (as VideoX-Fun's --validation_paths); inpaint mode only.",
+        factory=list,
+        variadic=True,
+    )
+    validation_steps: int = option(
+        2000, "With --validation-prompts: sample every N optimizer steps (0: never by steps)."
+    )
+    validation_epochs: int = option(
+        5, "With --validation-prompts: sample after epochs 0, N, 2N, ... (0: never by epochs)."
+    )
+    validation_num_frames: int = option(49, "Frames of each validation video (snapped to 4k+1).")
+    validation_height: int = option(512, "Height of the validation videos (multiple of 16).")
+    validation_width: int = option(512, "Width of the validation videos (multiple of 16).")
+    validation_inference_steps: int = option(50, "Sampler steps of each validation video.")
+
+    def __post_init__(self) -> None:
+        # One store may be given as a plain path (the Python API, config files, older code).
+        value = self.latents
+        stores = [value] if isinstance(value, str | Path) else list(value)
+        object.__setattr__(self, "latents", [Path(p) for p in stores])

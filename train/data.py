@@ -13,8 +13,10 @@ every stored sample is seen at least once per epoch, and at most ``num_replicas 
 epoch are seen twice.
 
 Prefetching runs the sampler ahead of the training step, so the sampler cannot know how many batches
-were *consumed*; the training loop counts them and resumes with ``set_position(epoch, batches_done)``
-(or ``load_state_dict(state_dict(batches_done))``).
+were *consumed*: the training loop counts them in its ``TrainingState`` (`cogfun.train.state`), the
+one owner of the position, and the loaders start each pass where that state says
+(``batches(epoch, start)``). ``set_epoch`` / ``set_position`` (or ``load_state_dict``) are for
+iterating the sampler, or a loader over it, by hand.
 
 Two loaders read the same batches in the same order (``make_dataloader(backend=...)``): reader
 threads of the training process sharing one ``StoreReader`` (the default, `cogfun.train.threaded`),
@@ -23,6 +25,13 @@ process: an open ``StoreReader`` is never pickled or forked into a worker (zarr 
 after a fork, and the dataset drops a reader opened by another process). Batches come out as one
 ``read_batch`` per bucket batch, bf16 tensors plus ``caption`` indices, the captions' T5 embeddings
 (``caption_embeds``, so the training step reads nothing), ``bucket`` and ``slots``.
+
+Several stores (``cogfun train --latents A.zarr B.zarr:3``): the sampler's buckets are then keyed
+``(store index, bucket name)``, so a batch never mixes stores (nor buckets) and the order is the
+same pure function of the seed and the slot lists; the batch also says its ``store`` index. A
+store's weight ``N`` lists each of its slots N times before the per-epoch shuffle, so each copy
+lands in its own place in the epoch, as the original's ``video_repeat`` repeats dataset rows. One
+store of weight 1 gives exactly the batches a single store always gave.
 """
 
 from __future__ import annotations
@@ -30,32 +39,35 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from cogfun.train.prefetch import EpochLoader
+from cogfun.train.state import ORDER_KEYS, order_mismatch
 from cogfun.train.threaded import ThreadLoader
 from torch.utils.data import Dataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[str, list[int]]  # (bucket name, slots in that bucket)
+BucketKey = str | tuple[int, str]  # a bucket name, or (store index, bucket name) for several
+Batch = tuple[BucketKey, list[int]]  # (bucket, slots in that bucket)
 BACKENDS = ("threads", "processes")  # how the loader's workers run (make_dataloader)
 
 
 class BucketBatchSampler:
     """Batches of slots from one bucket each, shuffled per epoch, split evenly over ranks.
 
-    ``bucket_slots`` maps a bucket name to the slot indices that may be read (the done slots).
-    Yields ``(bucket_name, slots)``. See the module docstring for the padding rule.
+    ``bucket_slots`` maps a bucket key to the slot indices that may be read (the done slots; a
+    slot listed N times is seen N times an epoch). Yields ``(bucket key, slots)``. See the module
+    docstring for the padding rule.
     """
 
     def __init__(
         self,
-        bucket_slots: Mapping[str, np.ndarray],
+        bucket_slots: Mapping[BucketKey, np.ndarray],
         batch_size: int,
         seed: int,
         num_replicas: int = 1,
@@ -68,7 +80,7 @@ class BucketBatchSampler:
                 f"BucketBatchSampler: need 0 <= rank < num_replicas, got rank {rank} of {num_replicas}"
             )
         # Sorted names: the order must not depend on how the caller built the dict.
-        self.buckets: dict[str, np.ndarray] = {
+        self.buckets: dict[BucketKey, np.ndarray] = {
             name: np.asarray(bucket_slots[name], dtype=np.int64).reshape(-1)
             for name in sorted(bucket_slots)
             if len(bucket_slots[name]) > 0
@@ -110,6 +122,11 @@ class BucketBatchSampler:
         order = order[np.arange(len(self) * self.num_replicas) % n]  # pad by repeating the head
         return shuffled, np.concatenate(bucket_of)[order], np.concatenate(start_of)[order]
 
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """This rank's batches of ``epoch`` from its batch ``start`` on, built as they are drawn."""
+        self.check_batches_done(start)
+        return self._batches(epoch, self.rank + start * self.num_replicas, self.num_replicas)
+
     def _batches(self, epoch: int, first: int, step: int) -> Iterator[Batch]:
         """Global batches first, first + step, ... of the epoch, built one at a time."""
         shuffled, bucket_of, start_of = self._epoch_order(epoch)
@@ -131,48 +148,46 @@ class BucketBatchSampler:
         self.epoch = epoch
         self._skip = 0
 
-    def set_position(self, epoch: int, batches_done: int) -> None:
-        """Make the next iteration start at batch ``batches_done`` of ``epoch`` (exact resume)."""
+    def check_batches_done(self, batches_done: int) -> None:
         if not 0 <= batches_done <= len(self):
             raise ValueError(
-                f"BucketBatchSampler.set_position: batches_done {batches_done} is outside "
-                f"0..{len(self)} (batches per rank per epoch)"
+                f"BucketBatchSampler: batches_done {batches_done} is outside 0..{len(self)} "
+                "(batches per rank per epoch)"
             )
+
+    def set_position(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass start at batch ``batches_done`` of ``epoch`` (one pass only)."""
+        self.check_batches_done(batches_done)
         self.epoch = epoch
         self._skip = batches_done
 
-    def __iter__(self) -> Iterator[Batch]:
-        # A generator: the skip is consumed when drawing starts, not when iter() is called. A
-        # DataLoader with workers calls iter(sampler) twice before it draws (torch's
-        # _BaseDataLoaderIter.__init__ and _reset); an eager skip would be spent on the discarded
-        # first iterator and a resumed run would replay the epoch from its start. A later pass over
-        # the same epoch (without set_position) yields the whole epoch again.
-        first = self.rank + self._skip * self.num_replicas
+    def take_position(self) -> tuple[int, int]:
+        """(epoch, first batch) of the pass starting now; the ``set_position`` skip is spent, so
+        a later pass over the same epoch (without set_position) is the whole epoch again."""
+        position = (self.epoch, self._skip)
         self._skip = 0
-        yield from self._batches(self.epoch, first, self.num_replicas)
+        return position
+
+    def __iter__(self) -> Iterator[Batch]:
+        # A generator: the position is taken when drawing starts, not when iter() is called. A
+        # DataLoader with workers calls iter(sampler) twice before it draws (torch's
+        # _BaseDataLoaderIter.__init__ and _reset); a skip taken eagerly would be spent on the
+        # discarded first iterator and a resumed run would replay the epoch from its start.
+        yield from self.batches(*self.take_position())
+
+    def order(self) -> dict[str, int]:
+        """What fixes the batch order besides the epoch (`cogfun.train.state.ORDER_KEYS`)."""
+        return {key: int(getattr(self, key)) for key in ORDER_KEYS}
 
     def state_dict(self, batches_done: int) -> dict[str, int]:
-        """Plain ints (JSON): the position the training loop has consumed, plus what shapes the order."""
-        return {
-            "epoch": self.epoch,
-            "batches_done": batches_done,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "num_replicas": self.num_replicas,
-            "num_samples": self.num_samples,
-        }
+        """Plain ints (JSON): the position ``batches_done`` into this epoch, and the order."""
+        return {"epoch": self.epoch, "batches_done": batches_done, **self.order()}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Restore a position; refuses when the order would differ (another seed, batch size, ...)."""
-        mine = self.state_dict(0)
-        diff = {
-            k: (state[k], mine[k])
-            for k in ("seed", "batch_size", "num_replicas", "num_samples")
-            if k in state and int(state[k]) != mine[k]
-        }
-        if diff:
-            text = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in diff.items())
-            raise ValueError(f"BucketBatchSampler: cannot resume the saved data order ({text})")
+        mismatch = order_mismatch(state, self.order())
+        if mismatch:
+            raise ValueError(f"BucketBatchSampler: cannot resume the saved data order ({mismatch})")
         self.set_position(int(state["epoch"]), int(state["batches_done"]))
 
 
@@ -239,8 +254,29 @@ class StoreBatchDataset(Dataset):
         return torch.stack([read[i] for i in captions])
 
 
+class MultiStoreDataset(Dataset):
+    """Batches keyed ``((store index, bucket), slots)``, each read from its own store's dataset;
+    the batch also carries its ``store`` index."""
+
+    def __init__(self, parts: Sequence[StoreBatchDataset]) -> None:
+        self.parts = list(parts)
+
+    def reader(self) -> list[Any]:
+        """Every store's reader in this process (a worker opens them all before its first batch)."""
+        return [part.reader() for part in self.parts]
+
+    def __getitem__(self, batch: Batch) -> dict[str, Any]:
+        (index, bucket), slots = batch[0], batch[1]
+        out = self.parts[index][(bucket, slots)]
+        out["store"] = index
+        return out
+
+
+StoreArg = str | Path | Sequence[tuple[str | Path, int]]
+
+
 def make_dataloader(
-    store_path: str | Path,
+    store_path: StoreArg,
     batch_size: int,
     num_workers: int,
     seed: int,
@@ -252,6 +288,7 @@ def make_dataloader(
 ) -> tuple[ThreadLoader | EpochLoader, BucketBatchSampler]:
     """A loader yielding one store batch per item, and its sampler (for set_epoch/set_position).
 
+    ``store_path`` is one store, or ``(store, weight)`` pairs (several stores: module docstring).
     Each pass over the loader is one epoch of the sampler, prefetched across epoch boundaries.
     ``backend`` "threads": ``num_workers`` reader threads in this process share one open store,
     ``prefetch_factor`` (default 2) batches per thread ahead; "processes": a DataLoader with
@@ -265,22 +302,31 @@ def make_dataloader(
 
     if backend not in BACKENDS:
         raise ValueError(f"make_dataloader: backend {backend!r} is not one of {BACKENDS}")
-    reader = open_store(store_path)
+    pairs = [(store_path, 1)] if isinstance(store_path, str | Path) else list(store_path)
+    readers = [open_store(path) for path, _ in pairs]
+    several = len(pairs) > 1
+    slots = {
+        (i, name) if several else name: np.tile(info.slots, weight)
+        for i, (reader, (_, weight)) in enumerate(zip(readers, pairs, strict=True))
+        for name, info in reader.buckets.items()
+    }
     sampler = BucketBatchSampler(
-        {name: info.slots for name, info in reader.buckets.items()},
+        slots,
         batch_size=batch_size,
         seed=seed,
         num_replicas=world,
         rank=rank,
     )
-    dataset = StoreBatchDataset(store_path, skip_damaged=skip_damaged)
+    parts = [StoreBatchDataset(path, skip_damaged=skip_damaged) for path, _ in pairs]
+    dataset: Any = MultiStoreDataset(parts) if several else parts[0]
     pin = torch.cuda.is_available()
     if backend == "threads":
-        dataset.use_reader(reader)
+        for part, reader in zip(parts, readers, strict=True):
+            part.use_reader(reader)
         ahead = (prefetch_factor or 2) * num_workers
         device = torch.cuda.current_device() if pin else None  # this rank's, set by accelerate
         return ThreadLoader(dataset, sampler, num_workers, ahead, pin, device), sampler
-    # Only the done-slot lists are taken from this reader; workers open their own.
+    # Only the done-slot lists are taken from these readers; workers open their own.
     workers = {}
     if num_workers > 0:
         workers = {

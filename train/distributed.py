@@ -1,11 +1,14 @@
 """Everything that knows accelerate and DeepSpeed internals, and nothing else does.
 
 accelerate is the one entry to distribution; DeepSpeed comes through `accelerate launch
---use_deepspeed --deepspeed_config_file config/zero_stage2_config.json`. Whether DeepSpeed runs, the
-world size and the precision are read from the accelerator (never from a second flag). The training
-loop calls the small helpers below; collective calls (`save_state`, the reductions) run on every rank.
+--use_deepspeed --deepspeed_config_file config/zero_stage{2,3}_config.json` (or
+zero_stage3_offload_config.json), FSDP2 through `--config_file config/fsdp2.yaml`. Whether they run,
+the world size and the precision are read from the accelerator (never from a second flag);
+`launch_plan` reads what the launch asked for before the accelerator exists, for the refusals of
+`cogfun.train.memory_checks`. The training loop calls the small helpers below; collective calls
+(`save_state`, `model_state_dict`, the reductions) run on every rank.
 
-Traps handled here (ENVIRONMENT.md, "accelerate / DeepSpeed on CPU"):
+Traps handled here (found running accelerate and DeepSpeed on CPU; tests/test_train_launch.py):
 - two CPU processes need the gloo backend asked for explicitly, and only when launched;
 - accelerate fills DeepSpeed's `gradient_clipping: "auto"` with 1.0, not with `--max-grad-norm`;
 - DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`: loading goes through
@@ -15,10 +18,12 @@ Traps handled here (ENVIRONMENT.md, "accelerate / DeepSpeed on CPU"):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pickle
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +66,92 @@ def make_accelerator(
     )
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What `accelerate launch` asked for, read from the environment it sets for each process, so
+    that combinations that cannot work are refused before any weight is loaded."""
+
+    deepspeed: bool = False
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    fsdp_version: int | None = None  # set when launched with FSDP
+    fsdp_state_dict: str = "FULL_STATE_DICT"
+    source: str = "no accelerate launch"  # the config file or flags it came from, for messages
+
+    def name(self) -> str:
+        if self.deepspeed:
+            parts = [("optimizer", self.offload_optimizer), ("parameters", self.offload_param)]
+            offload = " and ".join(part for part, on in parts if on)
+            return f"DeepSpeed ZeRO-{self.zero_stage}" + (
+                f" with CPU offload of {offload}" if offload else ""
+            )
+        if self.fsdp_version is not None:
+            return f"FSDP{self.fsdp_version}"
+        return "no sharding"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _offloaded(zero: dict[str, Any], key: str) -> bool:
+    return str((zero.get(key) or {}).get("device", "none")).lower() != "none"
+
+
+def launch_plan() -> LaunchPlan:
+    """The sharding `accelerate launch` set up for this process (its environment variables, and the
+    DeepSpeed JSON file they name, which accelerate lets override its flags)."""
+    env = os.environ.get
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        path = env("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if path.lower() == "none":
+            zero = {
+                "stage": env("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"),
+                "offload_optimizer": {
+                    "device": env("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")
+                },
+                "offload_param": {"device": env("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")},
+            }
+            path = "the accelerate launch --use_deepspeed flags"
+        else:
+            zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+        return LaunchPlan(
+            deepspeed=True,
+            zero_stage=int(zero.get("stage", 0)),
+            offload_optimizer=_offloaded(zero, "offload_optimizer"),
+            offload_param=_offloaded(zero, "offload_param"),
+            source=path,
+        )
+    if _flag("ACCELERATE_USE_FSDP"):
+        return LaunchPlan(
+            fsdp_version=int(env("FSDP_VERSION", "1")),
+            # accelerate's default when the launch names none
+            fsdp_state_dict=env("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT"),
+            source="the accelerate launch FSDP settings",
+        )
+    return LaunchPlan()
+
+
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def is_fsdp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def saves_model_itself(accelerator: Accelerator) -> bool:
+    """DeepSpeed and FSDP write (and restore) the sharded model in `save_state`/`load_state`."""
+    return is_deepspeed(accelerator) or is_fsdp(accelerator)
+
+
+def offloads_optimizer(accelerator: Accelerator) -> bool:
+    """DeepSpeed keeps the optimizer state (and runs its step) on the CPU."""
+    if not is_deepspeed(accelerator):
+        return False
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    return _offloaded(zero, "offload_optimizer")
 
 
 def describe(accelerator: Accelerator) -> str:
@@ -70,6 +159,10 @@ def describe(accelerator: Accelerator) -> str:
     if is_deepspeed(accelerator):
         stage = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
         kind = f"DeepSpeed ZeRO-{stage.get('stage', '?')}"
+        if offloads_optimizer(accelerator):
+            kind += " (optimizer offloaded to CPU)"
+    elif is_fsdp(accelerator):
+        kind = f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
     else:
         kind = str(accelerator.distributed_type).split(".")[-1]
     return (
@@ -113,10 +206,10 @@ def prepare(
 ) -> tuple[nn.Module, Any, Any]:
     """Wrap model, optimizer and LR scheduler; the dataloader stays ours (the sampler shards by rank).
 
-    Without DeepSpeed the checkpoint's `transformer/` folder holds the weights, so accelerate's
-    `save_state`/`load_state` are told to skip them (no second copy of a multi-GB model).
+    Without DeepSpeed or FSDP the checkpoint's `transformer/` folder holds the weights, so
+    accelerate's `save_state`/`load_state` are told to skip them (no second copy of a multi-GB model).
     """
-    if not is_deepspeed(accelerator):
+    if not saves_model_itself(accelerator):
         accelerator.register_save_state_pre_hook(lambda models, weights, _dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, _dir: models.clear())
     return accelerator.prepare(model, optimizer, lr_scheduler)
@@ -145,11 +238,27 @@ def clip_gradients(
     if is_deepspeed(accelerator):
         return float("nan")
     accelerator.unscale_gradients()
+    if is_fsdp(accelerator):
+        return _clip_fsdp(accelerator, clip_for)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
     norm = float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
     torch.nn.utils.clip_grads_with_norm_(params, clip_for(norm), torch.tensor(norm))
+    return norm
+
+
+def _clip_fsdp(accelerator: Accelerator, clip_for: Callable[[float], float]) -> float:
+    """FSDP2 replaced the parameters by sharded DTensors in `prepare` (the optimizer was switched
+    to them), so the trainable ones are read from the prepared model; the norm of sharded
+    gradients is a partial DTensor, made whole across ranks by `full_tensor`."""
+    params = [p for m in accelerator._models for p in m.parameters() if p.requires_grad]
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+    accelerator.clip_grad_norm_(params, clip_for(norm))
     return norm
 
 
@@ -176,9 +285,11 @@ def gather_ints(accelerator: Accelerator, value: int) -> list[int]:
 def model_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, Tensor]:
     """The full state dict of the (possibly wrapped) model, for `save_pretrained`.
 
-    Every rank must call it: under ZeRO-3 it gathers partitions (under ZeRO-2 and DDP it is local).
+    Every rank must call it: under ZeRO-3 and FSDP2 it gathers the shards (under ZeRO-2 and DDP it
+    is local). Gathered state lands on the main process only; the other ranks get an empty dict.
     """
-    return accelerator.get_state_dict(model)
+    state = accelerator.get_state_dict(model)
+    return {} if state is None else state
 
 
 def save_state(accelerator: Accelerator, directory: Path) -> None:

@@ -3,18 +3,18 @@
 Every micro-step draws its randomness (posterior samples, mask variant, text-to-video zeroing, caption
 dropout, noise, timesteps) from a fresh `torch.Generator` seeded from (seed, rank, global step,
 micro-step). So a resumed run redraws exactly what the uninterrupted run drew, with no RNG stream to
-save; the data position (epoch, batches done) and the weights/optimizer come from the checkpoint.
+save; the step and data position (`Trainer.state`, a `cogfun.train.state.TrainingState`) and the
+weights/optimizer come from the checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,37 +22,25 @@ import torch
 from accelerate import Accelerator
 from cogfun.common.progress import progress
 from cogfun.train import distributed, optim
-from cogfun.train.checkpoint import TrainerState, save_checkpoint
+from cogfun.train.checkpoint import resolved_config, save_checkpoint
 from cogfun.train.config import TrainConfig
 from cogfun.train.data import BucketBatchSampler
+from cogfun.train.divergence import DivergenceGuard, TrainingDiverged, finite, skip_update
 from cogfun.train.loss import compute_loss, prepare_batch
 from cogfun.train.metrics import LOSS_PLOT, MetricsLog, plot_loss
+from cogfun.train.prefetch import EpochPasses
+from cogfun.train.state import TrainingState
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
-
-# REFERENCE §4.1: batches of at most these many pixels (F*H*W) are repeated x4 / x2.
-TILE_X4_PIXELS = 49 * 512 * 512 // 16
-TILE_X2_PIXELS = 49 * 512 * 512 // 4
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     """The seed of one micro-step's generator: independent across ranks, steps and micro-steps."""
     digest = hashlib.sha256(f"cogfun-train:{seed}:{rank}:{step}:{micro}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: manual_seed's safe range
-
-
-def tile_factor(frames: int, height: int, width: int) -> int:
-    """VideoX-Fun's --auto_tile_batch_size: x4 for small pixel volumes, x2 for medium, else x1."""
-    pixels = frames * height * width
-    if pixels <= TILE_X4_PIXELS:
-        return 4
-    if pixels <= TILE_X2_PIXELS:
-        return 2
-    return 1
 
 
 def tile_batch(raw: dict[str, Any], k: int) -> dict[str, Any]:
@@ -100,45 +88,67 @@ class CaptionEmbeddings:
         return torch.stack([self._one(int(i)) for i in caption.tolist()])  # (B, L, D)
 
 
-@dataclass
-class Trainer:
-    """Everything `fit` needs, built by `cogfun.train.setup.setup`."""
+@dataclass(frozen=True)
+class ModelParts:
+    """The trained transformer and what updates it."""
 
-    config: TrainConfig
-    accelerator: Accelerator
     model: nn.Module  # prepared: DDP / DeepSpeed engine / plain
     optimizer: Any  # accelerate's wrapper
     lr_scheduler: Any  # accelerate's AcceleratedScheduler
     noise_scheduler: DDPMScheduler
     ema: EMAModel | None
-    loader: DataLoader
+    params: list[nn.Parameter]  # the trained ones: clipped, stepped, averaged
+    clip_schedule: str  # "adaptive" or "fixed" (resolved)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The store batches and what a step needs to turn one into a loss batch."""
+
+    loader: EpochPasses  # ThreadLoader or EpochLoader over `sampler`
     sampler: BucketBatchSampler
     captions: Callable[[Tensor], Tensor]
     scaling: float
     latent_format: str
-    bucket_pixels: dict[str, tuple[int, int, int]]  # bucket -> (frames, height, width)
-    params: list[nn.Parameter]
-    clip_schedule: str  # "adaptive" or "fixed" (resolved)
+    tiles: dict[str, int]  # bucket -> batch tiling factor (1: not tiled); see resolve.tile_factors
+    stores: list[dict[str, Any]]  # path, weight, fingerprint of each store, in --latents order
+
+    def checkpoint_entries(self) -> dict[str, Any]:
+        """What trainer_state.json records of the stores (several: `stores` too)."""
+        first = self.stores[0]
+        several = {"stores": self.stores} if len(self.stores) > 1 else {}
+        return {"store": first["path"], "store_fingerprint": first["fingerprint"], **several}
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """Everything `fit` needs, built complete by `cogfun.train.setup.setup` (a resumed run's
+    weights and `state` are already the checkpoint's)."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    parts: ModelParts
+    data: TrainData
+    state: TrainingState
     max_steps: int
-    output_dir: Path
-    state: TrainerState = field(default_factory=TrainerState)
-    extra_state: Callable[[], dict[str, Any]] = dict
-    config_dict: dict[str, Any] = field(default_factory=dict)
-    resumed: bool = False
+    resumed: bool = False  # started from a checkpoint, which holds `state.global_step` already
+    validation: Any = None  # cogfun.train.validation.Validation when --validation-prompts is given
+
+    @property
+    def model(self) -> nn.Module:
+        return self.parts.model
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.parts.params
 
 
 def batch_stream(t: Trainer) -> Iterator[dict[str, Any]]:
-    """Store batches from the saved position on, across epochs, counting what is consumed."""
-    t.sampler.set_position(t.state.epoch, t.state.batches_done)
-    while True:
-        for raw in t.loader:
-            t.state.batches_done += 1
-            if raw["latents"].shape[0] == 0:  # --skip-damaged dropped every sample of the batch
-                continue
-            yield raw
-        t.state.epoch += 1
-        t.state.batches_done = 0
-        t.sampler.set_epoch(t.state.epoch)
+    """Store batches from the state's position on, across epochs (`t.state` counts them)."""
+    for raw in t.data.loader.follow(t.state):
+        if raw["latents"].shape[0] == 0:  # --skip-damaged dropped every sample of the batch
+            continue
+        yield raw
 
 
 def _to_device(raw: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -165,18 +175,18 @@ def train_step(t: Trainer, raw: dict[str, Any], micro: int) -> tuple[Tensor, flo
         step_seed(cfg.seed, acc.process_index, t.state.global_step, micro)
     )
     raw = _to_device(raw, acc.device)
-    if cfg.auto_tile_batch_size:
-        raw = tile_batch(raw, tile_factor(*t.bucket_pixels[raw["bucket"]]))
+    raw = tile_batch(raw, t.data.tiles.get(raw["bucket"], 1))
     batch_size = int(raw["latents"].shape[0])
     grad_norm = None
-    with acc.accumulate(t.model):
+    parts = t.parts
+    with acc.accumulate(parts.model):
         batch = prepare_batch(
             raw,
-            t.captions,
+            t.data.captions,
             cfg.mode,
-            t.scaling,
+            t.data.scaling,
             generator,
-            latent_format=t.latent_format,
+            latent_format=t.data.latent_format,
             caption_dropout_p=cfg.caption_dropout,
         )
         timesteps = None
@@ -189,9 +199,9 @@ def train_step(t: Trainer, raw: dict[str, Any], micro: int) -> tuple[Tensor, flo
                 generator,
             )
         out = compute_loss(
-            t.model,
+            parts.model,
             batch,
-            t.noise_scheduler,
+            parts.noise_scheduler,
             timesteps=timesteps,
             generator=generator,
             motion_sub_loss=cfg.motion_sub_loss,
@@ -200,10 +210,11 @@ def train_step(t: Trainer, raw: dict[str, Any], micro: int) -> tuple[Tensor, flo
         )
         acc.backward(out.loss)
         if acc.sync_gradients:
-            grad_norm = distributed.clip_gradients(acc, t.params, _clip_for(t))
-        t.optimizer.step()
-        t.lr_scheduler.step()
-        t.optimizer.zero_grad(set_to_none=True)
+            grad_norm = distributed.clip_gradients(acc, parts.params, _clip_for(t))
+        if not skip_update(acc, grad_norm):  # a non-finite norm would poison the weights
+            parts.optimizer.step()
+            parts.lr_scheduler.step()
+        parts.optimizer.zero_grad(set_to_none=True)
         if acc.sync_gradients and distributed.is_deepspeed(acc):
             grad_norm = distributed.deepspeed_grad_norm(acc)
     return out.loss.detach(), grad_norm, batch_size
@@ -212,7 +223,7 @@ def train_step(t: Trainer, raw: dict[str, Any], micro: int) -> tuple[Tensor, flo
 def _clip_for(t: Trainer) -> Callable[[float], float]:
     cfg = t.config
     return lambda norm: optim.clip_norm_for(
-        t.clip_schedule,
+        t.parts.clip_schedule,
         norm,
         t.state.global_step,
         max_grad_norm=cfg.max_grad_norm,
@@ -225,7 +236,7 @@ def optimizer_step(t: Trainer, stream: Iterator[dict[str, Any]]) -> dict[str, An
     """Gradient-accumulation micro-steps up to one optimizer step; returns its metrics row."""
     acc = t.accelerator
     start = time.perf_counter()
-    lr = float(t.lr_scheduler.get_last_lr()[0])  # the rate this step's update uses
+    lr = float(t.parts.lr_scheduler.get_last_lr()[0])  # the rate this step's update uses
     clip = None if distributed.is_deepspeed(acc) else _clip_for(t)
     wait, losses, samples, grad_norm = 0.0, [], 0, None
     for micro in range(acc.gradient_accumulation_steps):
@@ -242,9 +253,9 @@ def optimizer_step(t: Trainer, stream: Iterator[dict[str, Any]]) -> dict[str, An
         clip_norm = distributed.engine_gradient_clipping(acc)
     else:
         clip_norm = clip(grad_norm) if grad_norm is not None else None
-    if t.ema is not None:
-        t.ema.step(distributed.unwrap(acc, t.model).parameters())
-    t.state.global_step += 1
+    if t.parts.ema is not None and finite(grad_norm):  # no EMA step for an update not applied
+        t.parts.ema.step(distributed.unwrap(acc, t.parts.model).parameters())
+    t.state.finished_step()
     loss = distributed.mean_across_ranks(acc, torch.stack(losses).float().mean())
     rank_samples = distributed.gather_ints(acc, samples)
     elapsed = time.perf_counter() - start
@@ -253,7 +264,7 @@ def optimizer_step(t: Trainer, stream: Iterator[dict[str, Any]]) -> dict[str, An
         "epoch": t.state.epoch,
         "loss": loss,
         "lr": lr,
-        "grad_norm": None if grad_norm is None or math.isnan(grad_norm) else grad_norm,
+        "grad_norm": grad_norm,  # NaN/inf kept: divergence.DivergenceGuard marks the row
         "clip_norm": clip_norm,
         "data_wait_s": round(wait, 6),
         "step_time_s": round(elapsed, 6),
@@ -267,20 +278,35 @@ def optimizer_step(t: Trainer, stream: Iterator[dict[str, Any]]) -> dict[str, An
 def _save(t: Trainer) -> Path:
     return save_checkpoint(
         t.accelerator,
-        output_dir=t.output_dir,
-        model=t.model,
-        ema=t.ema,
+        output_dir=t.config.output_dir,
+        model=t.parts.model,
+        ema=t.parts.ema,
         state=t.state,
-        config=t.config_dict,
-        extra=t.extra_state(),
+        config=resolved_config(t.config),
+        extra=t.data.checkpoint_entries(),
         total_limit=t.config.checkpoints_total_limit,
+        save_dtype=t.config.save_dtype,
     )
+
+
+def validation_hook(t: Trainer, step: int, epoch_before: int) -> dict[str, Any]:
+    """Run a validation round when one is due after this step (every rank calls this)."""
+    from cogfun.train.validation import run_validation
+
+    finished = set(range(epoch_before, t.state.epoch))
+    if t.state.epoch_ended:  # this step took an epoch's last batch: not counted as finished yet
+        finished.add(t.state.epoch)
+    if not t.validation.due(step, finished):
+        return {}
+    return run_validation(t.validation, t.accelerator, t.parts.model, t.parts.ema, step)
 
 
 def fit(t: Trainer) -> None:
     """Optimizer steps until `max_steps`, a checkpoint every `checkpointing_steps` and at the end."""
     acc, cfg = t.accelerator, t.config
-    metrics = MetricsLog(acc, t.output_dir, t.state.global_step)
+    out = cfg.output_dir
+    metrics = MetricsLog(acc, out, t.state.global_step)
+    guard = DivergenceGuard.for_run(acc, cfg.max_nonfinite_steps, metrics.last_row)
     saved_at = t.state.global_step if t.resumed else None
     stream = batch_stream(t)
     mode = cfg.progress if acc.is_main_process else "none"
@@ -288,8 +314,12 @@ def fit(t: Trainer) -> None:
     try:
         with progress(t.max_steps - t.state.global_step, "train", mode=mode, unit="steps") as bar:
             while t.state.global_step < t.max_steps:
+                epoch_before = t.state.epoch
                 row = optimizer_step(t, stream)
+                if t.validation is not None:
+                    row.update(validation_hook(t, row["step"], epoch_before))
                 rank_samples += row["rank_samples"][acc.process_index]
+                guard.observe(row)
                 metrics.write(row)
                 bar.advance(
                     1,
@@ -299,11 +329,14 @@ def fit(t: Trainer) -> None:
                     samples_s=f"{row['samples_per_s']:.2f}",
                     wait_s=f"{row['data_wait_s']:.3f}",
                 )
-                if row["step"] % cfg.checkpointing_steps == 0:
+                if row["step"] % cfg.checkpointing_steps == 0 and guard.may_save(acc, t.params):
                     _save(t)
                     saved_at = row["step"]
-        if saved_at != t.state.global_step:
+                if guard.tripped:
+                    break
+        if saved_at != t.state.global_step and guard.may_save(acc, t.params):
             _save(t)
+            saved_at = t.state.global_step
     finally:
         metrics.close()
     log.info(
@@ -314,7 +347,10 @@ def fit(t: Trainer) -> None:
         t.state.global_step,
     )
     if acc.is_main_process:
-        plot = plot_loss(metrics.path, t.output_dir / LOSS_PLOT)
+        plot = plot_loss(metrics.path, out / LOSS_PLOT)
         if plot is not None:
             log.info("wrote %s", plot)
     acc.end_training()
+    if guard.tripped:
+        step = t.state.global_step
+        raise TrainingDiverged(guard.stop_message(step, out, saved_at == step))

@@ -1,4 +1,5 @@
-"""The Stage-2 training math: from a store batch to the CogVideoX-Fun loss (REFERENCE.md §7.3-§8).
+"""The Stage-2 training math: from a store batch to the CogVideoX-Fun loss (the original's
+scripts/train.py training step; tests/golden/README.md section 3).
 
 Two steps, each reproducible from one `torch.Generator` (the loop saves and restores its state):
 
@@ -83,7 +84,7 @@ def pick_variants(all_masked: Tensor, generator: torch.Generator | None) -> Tens
 def draw_t2v_flags(
     all_masked: Tensor, generator: torch.Generator | None, p_zero: float = 0.9
 ) -> Tensor:
-    """Per-sample text-to-video zeroing (REFERENCE §7.3): (B,) bool -> (B,) float32 of 0/1.
+    """Per-sample text-to-video zeroing (the original's t2v flag): (B,) bool -> (B,) float32 of 0/1.
 
     An all-masked sample loses its whole conditioning with probability `p_zero`; every other sample
     keeps flag 1. One uniform is drawn per sample, whether or not it is all-masked, so the number of
@@ -113,7 +114,7 @@ def build_inpaint_latents(
     """The 17 conditioning channels: (B,F,1,h,w) + (B,F,16,h,w) unscaled + (B,) -> (B,F,17,h,w).
 
     Concatenate the mask (1 = known) and the masked-video latents, zero the samples whose flag is 0,
-    then scale; the mask channel is scaled too, as in the original (REFERENCE §7.4 step 5). The
+    then scale; the mask channel is scaled too, as in the original's scripts/train.py. The
     operation order is the original's, so float32 results match it exactly.
     """
     inpaint = torch.cat([mask_latent.float(), masked_latents.float()], dim=2)
@@ -155,7 +156,7 @@ def compute_loss(
     motion_sub_loss_ratio: float = 0.25,
     num_train_timesteps: int | None = None,
 ) -> LossOutput:
-    """One training step's loss (REFERENCE §13 "Stage-2 step").
+    """One training step's loss (tests/golden/README.md section 3 pins it to the original's).
 
     `batch`: `latents` (B, F, 16, h, w) already scaled, `prompt_embeds` (B, L, D) and, for inpaint
     models, `inpaint_latents` (B, F, 17, h, w). Missing `noise` (float32 N(0, 1)) and `timesteps`

@@ -1,9 +1,10 @@
 """Trainable parameters, optimizer, LR schedule and the original's adaptive gradient clipping.
 
-REFERENCE.md §9.1-§9.3: parameters are picked by substring of their names (`trainable_modules`, and
-`trainable_modules_low_learning_rate` at half the learning rate); AdamW or CAME with the original's
-settings; diffusers LR schedules with warmup counted in optimizer steps; the clip norm decays linearly
-from `max_grad_norm * initial_grad_norm_ratio` to `max_grad_norm` and clips abnormal norms harder.
+As the original's scripts/train.py: parameters are picked by substring of their names
+(`trainable_modules`, and `trainable_modules_low_learning_rate` at half the learning rate); AdamW
+or CAME with the original's settings; diffusers LR schedules with warmup counted in optimizer
+steps; the clip norm decays linearly from `max_grad_norm * initial_grad_norm_ratio` to
+`max_grad_norm` and clips abnormal norms harder.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# CAME as the original builds it (REFERENCE §1.1): weight decay is not passed (CAME's default 0).
+# CAME as the original's scripts/train.py builds it: weight decay is not passed (CAME's default 0).
 CAME_BETAS = (0.9, 0.999, 0.9999)
 CAME_EPS = (1e-30, 1e-16)
 
@@ -75,12 +76,32 @@ def make_optimizer(
     betas: tuple[float, float],
     weight_decay: float,
     eps: float,
+    use_8bit_adam: bool = False,
+    cpu_offload: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW(lr, betas, weight_decay, eps) or CAME(lr, betas 0.9/0.999/0.9999, eps 1e-30/1e-16)."""
+    """AdamW(lr, betas, weight_decay, eps) or CAME(lr, betas 0.9/0.999/0.9999, eps 1e-30/1e-16).
+
+    `use_8bit_adam`: bitsandbytes' AdamW8bit with the same settings, as the original builds it (its
+    moments are block-wise quantized to 8 bits: about 2 bytes per parameter instead of 8).
+    `cpu_offload` (DeepSpeed keeps the optimizer state on the CPU): DeepSpeed's CPU Adam in AdamW
+    mode, the optimizer DeepSpeed's offload expects (a torch optimizer there is refused by DeepSpeed
+    and would step billions of values through Python-level loops). Conflicting choices are refused
+    earlier, by `cogfun.train.memory_checks`.
+    """
     if use_came:
         from came_pytorch import CAME
 
         return CAME(groups, lr=lr, betas=CAME_BETAS, eps=CAME_EPS)
+    if use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, adamw_mode=True
+        )
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
@@ -122,7 +143,7 @@ def adaptive_clip_norm(
     initial_ratio: float,
     abnormal_start: int,
 ) -> float:
-    """The original's clip value (REFERENCE §9.3); `step` = optimizer steps completed before this one.
+    """The original's clip value (scripts/train.py); `step` = optimizer steps done before this one.
 
     The base decays from `max_grad_norm * initial_ratio` to `max_grad_norm` over `abnormal_start`
     steps; after that a norm more than 5x the base clips to base / min(norm / base, 10).

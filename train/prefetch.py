@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 if TYPE_CHECKING:
     from cogfun.train.data import Batch, BucketBatchSampler
+    from cogfun.train.state import TrainingState
 
 
 class BatchStream:
@@ -43,31 +44,59 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[Batch]:
         # A generator, so `start` is read at the first draw (see BucketBatchSampler.__iter__).
-        s, (epoch, done) = self.sampler, self.start
+        epoch, done = self.start
         while True:
-            yield from s._batches(epoch, s.rank + done * s.num_replicas, s.num_replicas)
+            yield from self.sampler.batches(epoch, done)
             epoch, done = epoch + 1, 0
 
 
 class EpochPasses:
-    """What both training loaders share: every pass over the loader is one epoch of
-    `self.batches` (the sampler's `set_epoch` / `set_position` say which, and from where), drawn
-    from one endless stream. A pass that continues exactly where the last one stopped (the loop's
-    `set_epoch(e + 1)` after a full epoch, or `set_position` at the point reached) takes the
-    batches already read ahead; any other position restarts the stream there. A read that fails
-    (or is interrupted) ends the stream, so a later pass starts it afresh where it should.
+    """What both training loaders share: every pass is one epoch of `self.batches`, drawn from
+    one endless stream. `epoch_pass(epoch, start)` is the pass from batch `start` of `epoch`;
+    `follow(state)` passes epoch after epoch from where a `TrainingState` stands, advancing it as
+    batches are taken (training); iterating the loader is the pass the sampler's `set_epoch` /
+    `set_position` say (by hand). A pass that continues exactly where the last one stopped takes
+    the batches already read ahead; any other position restarts the stream there. A read that
+    fails (or is interrupted) ends the stream, so a later pass starts it afresh where it should.
 
-    A loader keeps `_next` (the (epoch, batches done) its stream yields next, or None) and says
-    how to `_restart(start)` the stream, `_take()` its next batch and `_drop()` it."""
+    A loader keeps `_stream` (a `BatchStream`) and `_next` (the (epoch, batches done) its stream
+    yields next, or None) and says how to `_restart(start)` the stream, `_take()` its next batch
+    and `_drop()` it."""
 
     batches: BucketBatchSampler
+    _stream: BatchStream
     _next: tuple[int, int] | None
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self._epoch()
+        # A generator, so the sampler's position is taken at the first draw, as its own pass does.
+        yield from self.epoch_pass(*self.batches.take_position())
+
+    @property
+    def next_position(self) -> tuple[int, int] | None:
+        """(epoch, batches done) the running stream yields next; None when no stream runs."""
+        return self._next
+
+    @property
+    def stream_start(self) -> tuple[int, int]:
+        """The (epoch, batches done) the stream was last (re)started at."""
+        return self._stream.start
+
+    def follow(self, state: TrainingState) -> Iterator[dict[str, Any]]:
+        """Batches from `state`'s position on, epoch after epoch without end; each batch is
+        counted in `state` as it is handed out, and a finished epoch moves it to the next."""
+        while True:
+            for batch in self.epoch_pass(*state.position):
+                state.took_batch()
+                yield batch
+            state.next_epoch()
+
+    def epoch_pass(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of `epoch` from its batch `start` on (this rank's)."""
+        self.batches.check_batches_done(start)
+        return self._epoch((epoch, start))
 
     def _restart(self, start: tuple[int, int]) -> None:
         raise NotImplementedError
@@ -78,20 +107,18 @@ class EpochPasses:
     def _drop(self) -> None:
         raise NotImplementedError
 
-    def _epoch(self) -> Iterator[dict[str, Any]]:
-        s = self.batches
-        want, s._skip = (s.epoch, s._skip), 0  # the skip is spent, as the sampler's own pass does
+    def _epoch(self, want: tuple[int, int]) -> Iterator[dict[str, Any]]:
         if self._next != want:  # None: no stream running
             self._restart(want)
         epoch, done = want
-        while done < len(s):
+        while done < len(self):
             try:
                 batch = self._take()
             except BaseException:
                 self._drop()
                 raise
             done += 1
-            self._next = (epoch, done) if done < len(s) else (epoch + 1, 0)
+            self._next = (epoch, done) if done < len(self) else (epoch + 1, 0)
             yield batch
 
 

@@ -3,6 +3,11 @@
 Everything here reads JSON and store metadata (and hashes the VAE / text-encoder files when both the
 store and the model folder have them, as precompute fingerprinted them), so a run that cannot work
 is refused, saying what differs and what to do, before the transformer or the accelerator is built.
+
+The store records what it was encoded for: the transformer layout its frame counts were chosen for
+(settings `transformer`: patch_size, patch_size_t), the masked-video noise (`inpaint_noise`), the
+latent channels (layout) and the VAE (settings `vae`). A store written before the `transformer`
+record existed counts as made for `patch_size_t` None, which is how every such store was made.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from cogfun.common.buckets import patchable_latent_frames
+from cogfun.common.model_kind import encoded_for, recorded_for, unsupported_reason
 from cogfun.common.models import ModelFolderError
 from cogfun.train.config import TrainConfig
 
@@ -34,6 +41,10 @@ def check_config(cfg: TrainConfig) -> None:
         )
         if value is not None and value < 1
     ]
+    if cfg.max_nonfinite_steps < 0:
+        problems.append(
+            f"--max-nonfinite-steps must be >= 0 (0: never stop; got {cfg.max_nonfinite_steps})"
+        )
     if problems:
         raise TrainRefused("; ".join(problems))
 
@@ -68,8 +79,11 @@ def check_store(store: Any, tconfig: dict[str, Any], mode: str, model_dir: Path)
             f"{tconfig.get('out_channels')} (another VAE?)"
         )
     need, have = input_channels(channels, mode), tconfig.get("in_channels")
+    unsupported = unsupported_reason(tconfig, channels)  # control models, unknown channel counts
+    if unsupported is not None:
+        problems.append(unsupported)
     # A text-to-video checkpoint (C input channels) may start an inpaint run: extra channels start at 0.
-    if have != need and not (mode == "inpaint" and have == channels):
+    elif have != need and not (mode == "inpaint" and have == channels):
         problems.append(
             f"--mode {mode} feeds {need} input channels but the transformer takes {have}"
             + (" (an inpaint model: use --mode inpaint)" if mode == "normal" else "")
@@ -85,19 +99,94 @@ def check_store(store: Any, tconfig: dict[str, Any], mode: str, model_dir: Path)
             f"its captions are {layout.text_len} tokens but the transformer's positional table "
             f"expects {tconfig.get('max_text_seq_length')} (tokenizer_max_length)"
         )
+    problems += _layout_problems(store, tconfig)
+    if mode == "inpaint" and layout.masks_per_sample:
+        problems += _noise_problems(store.settings, tconfig)
     vae_config = model_dir / "vae" / "config.json"
     if vae_config.is_file():
-        model_scaling = json.loads(vae_config.read_text()).get("scaling_factor")
+        vae = json.loads(vae_config.read_text())
+        model_scaling = vae.get("scaling_factor")
         if model_scaling is not None and not math.isclose(store.scaling_factor, model_scaling):
             problems.append(
                 f"it was encoded with VAE scaling factor {store.scaling_factor} but {vae_config} "
                 f"has {model_scaling}"
+            )
+        if vae.get("latent_channels", channels) != channels:
+            problems.append(
+                f"it was encoded by a VAE with {channels} latent channels but {vae_config} has "
+                f"{vae['latent_channels']}"
             )
     problems += _identity_problems(store, model_dir)
     if sum(len(b.slots) for b in store.buckets.values()) == 0:
         problems.append("it holds no samples (every input failed?): see `cogfun inspect`")
     if problems:
         raise TrainRefused(f"{where} does not fit {model_dir}: " + "; ".join(problems))
+
+
+def _describe_patch_t(patch_size_t: Any) -> str:
+    if patch_size_t is None:
+        return "no patch_size_t (any latent frame count; CogVideoX-Fun 2b/5b)"
+    return f"patch_size_t {patch_size_t} (latent frame counts 1 or a multiple of it; V1.5 has 2)"
+
+
+def _layout_problems(store: Any, tconfig: dict[str, Any]) -> list[str]:
+    """The transformer layout the store's frame counts were chosen for against this transformer;
+    then the buckets themselves against what the transformer can patch."""
+    model = encoded_for(tconfig)
+    recorded = recorded_for(store.settings)
+    store_t = recorded.get("patch_size_t") if recorded else None
+    problems = []
+    if store_t != model["patch_size_t"]:
+        before = (
+            ""
+            if recorded
+            else " (a store from before cogfun recorded this: all such stores were made so)"
+        )
+        problems.append(
+            f"its frame counts were chosen for a transformer with {_describe_patch_t(store_t)}"
+            f"{before} but the transformer has {_describe_patch_t(model['patch_size_t'])}: "
+            "precompute a store with this model"
+        )
+    if recorded and recorded.get("patch_size") != model["patch_size"]:
+        problems.append(
+            f"it was encoded for patch_size {recorded.get('patch_size')} but the transformer has "
+            f"patch_size {model['patch_size']}: precompute a store with this model"
+        )
+    if problems:
+        return problems
+    p, p_t = model["patch_size"], model["patch_size_t"]
+    bad = [
+        name
+        for name, b in store.buckets.items()
+        if not patchable_latent_frames(b.latent_shape[0], p_t)
+        or (isinstance(p, int) and (b.latent_shape[2] % p or b.latent_shape[3] % p))
+    ]
+    if bad:
+        problems.append(
+            f"bucket(s) {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} have latent shapes "
+            f"the transformer (patch_size {p}, patch_size_t {p_t}) cannot patch"
+        )
+    return problems
+
+
+def _noise_problems(settings: dict[str, Any], tconfig: dict[str, Any]) -> list[str]:
+    """The masked-video noise of V1.1/V1.5 models: stores are encoded with it or without it, and
+    training must match (a store without the record was encoded without it)."""
+    stored = settings.get("inpaint_noise") is True
+    wanted = bool(tconfig.get("add_noise_in_inpaint_model", False))
+    if stored == wanted:
+        return []
+    if wanted:
+        return [
+            "its masked videos were encoded without the masked-video noise, but the transformer "
+            "has add_noise_in_inpaint_model true (a V1.1/V1.5 model trains on noised masked "
+            "videos): precompute a store with this model"
+        ]
+    return [
+        "its masked videos were encoded with the masked-video noise (for a model with "
+        "add_noise_in_inpaint_model true) but the transformer has add_noise_in_inpaint_model "
+        "false: precompute a store with this model"
+    ]
 
 
 def _identity_problems(store: Any, model_dir: Path) -> list[str]:

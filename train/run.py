@@ -1,19 +1,25 @@
 """`cogfun train`: check the store against the model, set up, then fit.
 
-    cogfun train --mode inpaint --latents latents.zarr --model MODEL --output-dir out
+    cogfun train --latents latents.zarr --model MODEL --output-dir out
+    cogfun train --train_data_dir DATA --train_data_meta DATA/metadata.json --model MODEL ...
     accelerate launch --multi_gpu --num_processes 2 $(which cogfun) train ...
     accelerate launch --use_deepspeed --deepspeed_config_file config/zero_stage2_config.json \\
         --num_processes 2 $(which cogfun) train ...
 
 (On CPU, DDP needs `ACCELERATE_USE_CPU=true` with `--multi_gpu`; never `--cpu` with DeepSpeed.)
 
-The store is opened and checked first, so a store that cannot train this model (no masks for an
+Given the dataset (`--data`/`--train_data_dir` and precompute's options) the store at `--latents`
+is first reused when it matches, or built by precompute (`cogfun.train.store_build`). The store is
+then opened and checked, so a store that cannot train this model (no masks for an
 inpaint run, other latent channels, VAE, scaling or text width, no samples, unfinished or damaged)
-is refused before anything heavy loads. Only the transformer and the scheduler config are loaded:
-never the VAE or T5.
+is refused before anything heavy loads. Only the transformer and the scheduler config are loaded
+for training; with --validation-prompts, T5 encodes prompt texts once before the transformer loads
+and the VAE is loaded for each validation round's decode (`cogfun.train.validation`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from cogfun.common.models import ModelFolderError
 from cogfun.common.progress import setup_logging
@@ -36,6 +42,8 @@ REFUSALS = (
 )
 
 
-def run(config: TrainConfig) -> None:
+def run(config: TrainConfig, store_options: dict[str, Any] | None = None) -> None:
+    """Train; `store_options` are `cogfun precompute` options (with `data`) for the store to find
+    or build at `config.latents` first."""
     setup_logging()
-    fit(setup(config))
+    fit(setup(config, store_options))

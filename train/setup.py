@@ -1,7 +1,8 @@
 """Building a run: accelerator, transformer, optimizer, data, and the resume from a checkpoint.
 
-Only the transformer and the scheduler config are loaded from the model folder: never the VAE or T5
-(the store holds their outputs). Refusals come first (`preflight`), before anything heavy.
+Only the transformer and the scheduler config are loaded from the model folder for training: the
+store holds the VAE and T5 outputs (validation alone uses them: `cogfun.train.validation`).
+Refusals come first (`preflight`), before anything heavy.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from typing import Any
 import torch
 from cogfun.common.models import check_model_folder
 from cogfun.common.store import open_store
-from cogfun.train import distributed, optim
+from cogfun.train import distributed, lora_train, memory_checks, optim
 from cogfun.train.checkpoint import (
     CheckpointError,
-    TrainerState,
     find_resume,
     load_checkpoint,
     read_trainer_state,
@@ -25,7 +25,7 @@ from cogfun.train.checkpoint import (
     resolved_config,
 )
 from cogfun.train.config import TrainConfig
-from cogfun.train.loop import CaptionEmbeddings, Trainer
+from cogfun.train.loop import CaptionEmbeddings, ModelParts, TrainData, Trainer
 from cogfun.train.metrics import start_trackers
 from cogfun.train.preflight import (
     TrainRefused,
@@ -34,6 +34,11 @@ from cogfun.train.preflight import (
     input_channels,
     read_transformer_config,
 )
+from cogfun.train.resolve import resolve_mode
+from cogfun.train.state import TrainingState
+from cogfun.train.store_build import check_store_options, ensure_store, store_config
+from cogfun.train.stores import check_stores_agree, parse_latents, run_tile_factors
+from cogfun.train.validation import prepare_validation
 from diffusers.utils.logging import disable_progress_bar
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,16 @@ _RESUME_FREE = {
     "tracker_project_name",
     "output_dir",
     "skip_damaged",
+    "save_dtype",
+    # validation samples with explicit generators and leaves the weights and optimizer untouched
+    "validation_prompts",
+    "validation_paths",
+    "validation_steps",
+    "validation_epochs",
+    "validation_num_frames",
+    "validation_height",
+    "validation_width",
+    "validation_inference_steps",
 }
 
 
@@ -63,6 +78,8 @@ def load_model(cfg: TrainConfig, in_channels: int | None) -> torch.nn.Module:
     model = load_transformer(cfg.model, dtype=torch.float32, in_channels=in_channels)
     if cfg.transformer_path is not None:
         load_extra_weights(model, cfg.transformer_path)
+    if cfg.lora:
+        lora_train.add_adapters(cfg, model)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -102,7 +119,10 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int, accumulation: int) -> 
     return max(1, math.ceil(cfg.num_train_epochs * batches_per_epoch / accumulation))
 
 
-def _warn_config_changes(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
+def warn_config_changes(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
+    """Warn (naming each) about options that changed what is computed since `checkpoint`."""
+    if isinstance(saved.get("latents"), str):  # written when --latents took one store
+        saved = {**saved, "latents": [saved["latents"]]}
     changed = {
         k: (saved.get(k), v) for k, v in now.items() if k not in _RESUME_FREE and saved.get(k) != v
     }
@@ -111,14 +131,15 @@ def _warn_config_changes(saved: dict[str, Any], now: dict[str, Any], checkpoint:
         log.warning("resuming %s with changed options (%s): not an exact resume", checkpoint, text)
 
 
-def _optimization(cfg: TrainConfig, model: torch.nn.Module, world: int) -> tuple[list, Any, Any]:
+def _optimization(
+    cfg: TrainConfig, model: torch.nn.Module, world: int, cpu_offload: bool = False
+) -> tuple[list, Any, Any]:
     """(trainable params, optimizer, EMA or None) over the fp32 master weights."""
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
-    groups = optim.select_trainable(
-        model, cfg.trainable_modules, cfg.trainable_modules_low_learning_rate, lr
-    )
+    trainable = lora_train.TRAINABLE if cfg.lora else cfg.trainable_modules
+    groups = optim.select_trainable(model, trainable, cfg.trainable_modules_low_learning_rate, lr)
     optimizer = optim.make_optimizer(
         groups,
         use_came=cfg.use_came,
@@ -126,9 +147,13 @@ def _optimization(cfg: TrainConfig, model: torch.nn.Module, world: int) -> tuple
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay,
         eps=cfg.adam_epsilon,
+        use_8bit_adam=cfg.use_8bit_adam,
+        cpu_offload=cpu_offload,
     )
     ema = None
-    if cfg.use_ema:
+    if cfg.use_ema and cfg.lora:
+        ema = lora_train.make_ema(model)
+    elif cfg.use_ema:
         from diffusers import CogVideoXTransformer3DModel
         from diffusers.training_utils import EMAModel
 
@@ -152,17 +177,30 @@ def _clip_schedule(cfg: TrainConfig, deepspeed: bool) -> str:
     return schedule
 
 
-def setup(cfg: TrainConfig) -> Trainer:
-    """Everything `fit` needs; refusals come before anything heavy is loaded."""
+def setup(cfg: TrainConfig, store_options: dict[str, Any] | None = None) -> Trainer:
+    """Everything `fit` needs; refusals come before anything heavy is loaded. `store_options` are
+    the precompute options given to train: with --data the store is found or built first."""
     from cogfun.common.models import load_scheduler
     from cogfun.train.data import make_dataloader
 
     check_config(cfg)
+    lora_train.check_config(cfg)
+    memory_checks.check(cfg, distributed.launch_plan())
+    check_store_options(store_options or {}, cfg.latents)
+    specs = parse_latents(cfg.latents)
     disable_progress_bar()  # diffusers' per-save "Writing model shards" bars
     model_dir = check_model_folder(cfg.model, ["transformer", "scheduler"])
-    store = open_store(cfg.latents)
     tconfig = read_transformer_config(model_dir)
-    check_store(store, tconfig, cfg.mode, model_dir)
+    cfg = resolve_mode(cfg, tconfig, model_dir)
+    build = store_config(cfg, store_options or {})
+    if build is not None:
+        ensure_store(build)
+    stores = [open_store(spec.path) for spec in specs]
+    for each in stores:
+        check_store(each, tconfig, cfg.mode, model_dir)
+    check_stores_agree(stores)
+    store = stores[0]  # what the stores agree on (layout, scaling, empty caption) is read here
+    cfg, tiles = run_tile_factors(cfg, stores)
     resume = find_resume(cfg.output_dir, cfg.resume_from_checkpoint)
 
     acc = distributed.make_accelerator(
@@ -179,13 +217,16 @@ def setup(cfg: TrainConfig) -> Trainer:
     acc.wait_for_everyone()
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    validation = prepare_validation(cfg, acc, model_dir, tconfig)  # T5, if any, is gone after this
     torch.manual_seed(cfg.seed)
 
     need = input_channels(store.layout.latent_channels, cfg.mode)
     model = load_model(cfg, need if need != tconfig.get("in_channels") else None)
-    params, optimizer, ema = _optimization(cfg, model, acc.num_processes)
+    params, optimizer, ema = _optimization(
+        cfg, model, acc.num_processes, distributed.offloads_optimizer(acc)
+    )
     loader, sampler = make_dataloader(
-        cfg.latents,
+        [(spec.path, spec.weight) for spec in specs],
         cfg.train_batch_size,
         cfg.dataloader_num_workers,
         cfg.seed,
@@ -211,61 +252,119 @@ def setup(cfg: TrainConfig) -> Trainer:
     if ema is not None:
         ema.to(acc.device)
 
-    trainer = Trainer(
-        config=cfg,
-        accelerator=acc,
+    parts = ModelParts(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         noise_scheduler=load_scheduler(model_dir),
         ema=ema,
+        params=params,
+        clip_schedule=schedule,
+    )
+    data = TrainData(
         loader=loader,
         sampler=sampler,
         captions=CaptionEmbeddings(store, acc.device),
         scaling=store.scaling_factor,
         latent_format=store.layout.latent_format,
-        bucket_pixels={n: (b.frames, b.height, b.width) for n, b in store.buckets.items()},
-        params=params,
-        clip_schedule=schedule,
-        max_steps=max_steps,
-        output_dir=cfg.output_dir,
-        state=TrainerState(world_size=acc.num_processes),
-        config_dict=resolved_config(cfg),
+        tiles=tiles,
+        stores=_mix(specs, stores),
     )
-    trainer.extra_state = lambda: {
-        "sampler": sampler.state_dict(trainer.state.batches_done),
-        "store": str(store.path),
-        "store_fingerprint": store.fingerprint,
-    }
+    state = TrainingState(
+        world_size=acc.num_processes, batches_per_epoch=len(sampler), order=sampler.order()
+    )
     if resume is not None:
-        _resume(trainer, resume, store.fingerprint)
-    start_trackers(acc, cfg.tracker_project_name, trainer.config_dict)
-    _log_plan(trainer, store)
+        _check_mix(read_trainer_state(resume).get("stores"), data.stores, resume)
+        _resume(acc, resume, parts, state, cfg, store.fingerprint)
+    trainer = Trainer(
+        config=cfg,
+        accelerator=acc,
+        parts=parts,
+        data=data,
+        state=state,
+        max_steps=max_steps,
+        resumed=resume is not None,
+        validation=validation,
+    )
+    start_trackers(acc, cfg.tracker_project_name, resolved_config(cfg))
+    named = [
+        f"{s.path}:{spec.weight}" if spec.weight > 1 else str(s.path)
+        for spec, s in zip(specs, stores, strict=True)
+    ]
+    _log_plan(trainer, " ".join(named))
     return trainer
 
 
-def _log_plan(t: Trainer, store: Any) -> None:
+def _mix(specs: list[Any], stores: list[Any]) -> list[dict[str, Any]]:
+    return [
+        {"path": str(s.path), "weight": spec.weight, "fingerprint": s.fingerprint}
+        for spec, s in zip(specs, stores, strict=True)
+    ]
+
+
+def _check_mix(saved: list[dict] | None, now: list[dict[str, Any]], checkpoint: Path) -> None:
+    """Resuming over several stores: the same number of stores with the same weights, in the same
+    order, or the data order would not be the saved one (a store with another fingerprint is
+    warned about, as one store is)."""
+    saved = saved or []
+    if len(saved) <= 1 and len(now) == 1:
+        return  # one store: checked as it always was
+    if [m.get("weight") for m in saved] != [m["weight"] for m in now]:
+        was = " ".join(f"{m.get('path')}:{m.get('weight')}" for m in saved) or "one store"
+        raise CheckpointError(
+            f"{checkpoint} was trained on --latents {was}; this run gives "
+            + " ".join(f"{m['path']}:{m['weight']}" for m in now)
+            + ": resume with the same stores and weights in the same order (or "
+            "--resume-from-checkpoint none)"
+        )
+    for old, new in zip(saved, now, strict=True):
+        if old.get("fingerprint") != new["fingerprint"]:
+            log.warning(
+                "%s was trained on a store %s with another fingerprint than %s",
+                checkpoint,
+                old.get("path"),
+                new["path"],
+            )
+
+
+def _log_plan(t: Trainer, stores: str) -> None:
     cfg, acc = t.config, t.accelerator
     if t.state.global_step >= t.max_steps:
         log.info("already at step %d of %d: nothing to train", t.state.global_step, t.max_steps)
         return
+    tiled = sorted({k for k in t.data.tiles.values() if k > 1})
     log.info(
-        "training %s on %s (%d samples, %d batches per process per epoch): steps %d..%d, "
-        "%d process(es) x batch %d x accumulation %d",
+        "training %s (--mode %s) on %s (%d samples, %d batches per process per epoch): steps "
+        "%d..%d, %d process(es) x batch %d x accumulation %d; batch tiling %s",
         cfg.model,
-        store.path,
-        t.sampler.num_samples,
-        len(t.sampler),
+        cfg.mode,
+        stores,
+        t.data.sampler.num_samples,
+        len(t.data.sampler),
         t.state.global_step + 1,
         t.max_steps,
         acc.num_processes,
         cfg.train_batch_size,
         acc.gradient_accumulation_steps,
+        (
+            f"on (x{'/x'.join(map(str, tiled))} for small buckets)"
+            if tiled
+            else "on (no bucket is small enough)"
+        )
+        if cfg.auto_tile_batch_size
+        else "off",
     )
 
 
-def _resume(trainer: Trainer, checkpoint: Path, fingerprint: str) -> None:
-    acc = trainer.accelerator
+def _resume(
+    acc: Any,
+    checkpoint: Path,
+    parts: ModelParts,
+    state: TrainingState,
+    cfg: TrainConfig,
+    fingerprint: str,
+) -> None:
+    """Weights, optimizer, scheduler (and EMA) and `state` from `checkpoint`."""
     log.info("resuming from %s", checkpoint)
     saved = read_trainer_state(checkpoint)
     if saved.get("world_size") != acc.num_processes:
@@ -273,13 +372,11 @@ def _resume(trainer: Trainer, checkpoint: Path, fingerprint: str) -> None:
             f"{checkpoint} was written by {saved.get('world_size')} process(es); this run has "
             f"{acc.num_processes}: resume with the same number of processes"
         )
-    load_checkpoint(acc, checkpoint, trainer.model, trainer.ema)
-    trainer.state.load_state_dict(saved)
+    load_checkpoint(acc, checkpoint, parts.model, parts.ema)
     try:
-        trainer.sampler.load_state_dict(saved["sampler"])
+        state.load_state_dict(saved)
     except ValueError as err:
         raise CheckpointError(f"{checkpoint}: {err}") from err
     if saved.get("store_fingerprint") != fingerprint:
         log.warning("%s was trained on a store with another fingerprint", checkpoint)
-    _warn_config_changes(saved.get("config", {}), trainer.config_dict, checkpoint)
-    trainer.resumed = True
+    warn_config_changes(saved.get("config", {}), resolved_config(cfg), checkpoint)

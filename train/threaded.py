@@ -83,15 +83,16 @@ class ThreadLoader(EpochPasses):
 
     def _take(self) -> dict[str, Any]:
         if self._pool is None:
-            return _read(self.dataset, self.pin_memory, next(self._source))
+            return fetch(self.dataset, self.pin_memory, next(self._source))
         while len(self._pending) <= self.ahead:  # the one taken now, and `ahead` after it
             # Not a bound method: a queued read must not keep the loader alive.
-            future = self._pool.submit(_read, self.dataset, self.pin_memory, next(self._source))
+            future = self._pool.submit(fetch, self.dataset, self.pin_memory, next(self._source))
             self._pending.append(future)
         return self._pending.popleft().result()
 
 
-def _read(dataset: Any, pin: bool, batch: Batch) -> dict[str, Any]:
+def fetch(dataset: Any, pin: bool, batch: Batch) -> dict[str, Any]:
+    """`dataset[batch]`, its tensors pinned when `pin` (then copies; else the item as it is)."""
     out = dataset[batch]
     if pin:
         out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
