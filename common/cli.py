@@ -139,7 +139,8 @@ add_stage_command(
     TrainConfig,
     _run_train,
     help="Train the CogVideoX-Fun transformer on a precomputed latent store (single process, "
-    "or under `accelerate launch` for DDP / DeepSpeed ZeRO-2). Given --data (--train_data_dir) "
+    "or under `accelerate launch` for DDP, DeepSpeed ZeRO-2/3 or FSDP2). Given --data "
+    "(--train_data_dir) "
     "and precompute's options, it first reuses the matching store at --latents or builds it.",
     foreign=foreign_flags("train"),
     extra_cls=PrecomputeConfig,

@@ -215,3 +215,25 @@ def test_bad_choice_names_the_option(app_and_seen):
     app, _ = app_and_seen
     res = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["train", "--mixed_precision", "fp8"])
     assert res.exit_code == 2 and "mixed-precision" in res.output and "bf16" in res.output
+
+
+def test_list_flags_take_several_values_after_one_flag_as_the_original():
+    """The original declares these with nargs="+": `--trainable_modules a b` is two substrings."""
+    seen: list = []
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """test root"""
+
+    add_stage_command(app, "train", TrainConfig, seen.append, help="t", foreign={})
+    args = ["train", "--trainable_modules", "attn1", "norm1", "--seed", "3"]
+    args += ["--trainable_modules_low_learning_rate", "proj_out", "time_embedding"]
+    args += ["--validation_prompts", "a cat on a sofa", "a dog", "--validation-steps", "7"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cfg = seen[0]
+    assert cfg.trainable_modules == ["attn1", "norm1"]
+    assert cfg.trainable_modules_low_learning_rate == ["proj_out", "time_embedding"]
+    assert cfg.validation_prompts == ["a cat on a sofa", "a dog"]
+    assert (cfg.seed, cfg.validation_steps) == (3, 7)

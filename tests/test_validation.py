@@ -1,17 +1,14 @@
 """Validation videos during `cogfun train` (train/validation.py): when, where, without T5, and the
-training it leaves untouched."""
+training it leaves untouched. Under `accelerate launch`: tests/test_validation_launch.py."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import av
 import pytest
 import transformers
 from cogfun.common.cli import app
 from cogfun.train.preflight import TrainRefused
-from train_support import cli_env, cogfun_cmd, make_store, metrics, run_in_process, train_args
+from train_support import make_store, metrics, run_in_process
 from typer.testing import CliRunner
 
 FAST = dict(
@@ -43,12 +40,6 @@ def _encode(root, tiny_model_dir, texts):
 @pytest.fixture(scope="module")
 def embeddings(tmp_path_factory, tiny_model_dir):
     return _encode(tmp_path_factory.mktemp("val"), tiny_model_dir, ["a red square drifts", "a dog"])
-
-
-@pytest.fixture(scope="module")
-def three_prompts(tmp_path_factory, tiny_model_dir):
-    """More prompts than ranks do not divide evenly: rank 0 samples two, rank 1 one."""
-    return _encode(tmp_path_factory.mktemp("val3"), tiny_model_dir, ["a cat", "a dog", "a bird"])
 
 
 @pytest.fixture
@@ -278,51 +269,3 @@ def test_bad_validation_inputs_are_refused(store, tiny_model_dir, tmp_path):
             output_dir=tmp_path / "b",
             validation_prompts=["a cat"],
         )
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp", "deepspeed", "zero3"])
-def test_every_rank_takes_part_under_accelerate_launch(
-    kind, store, tiny_model_dir, three_prompts, tmp_path
-):
-    """2 processes: prompt i on rank i % 2 (DDP on CPU, ZeRO-2), every prompt on both ranks in
-    lockstep (ZeRO-3, whose forwards gather the parameters collectively); no hang, then resume."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    accelerate = str(__import__("pathlib").Path(sys.executable).with_name("accelerate"))
-    head = [accelerate, "launch", "--num_processes", "2", "--num_machines", "1"]
-    head += ["--main_process_port", str(port), "--dynamo_backend", "no"]
-    env = cli_env(threads=1)
-    options = dict(max_train_steps=2, checkpointing_steps=2, **FAST)
-    if kind in ("deepspeed", "zero3"):
-        from pathlib import Path
-
-        name = "zero_stage2_config.json" if kind == "deepspeed" else "zero_stage3_config.json"
-        config = Path(__file__).resolve().parents[1] / "config" / name
-        head += ["--use_deepspeed", "--deepspeed_config_file", str(config)]
-        head += ["--mixed_precision", "bf16"]
-        options.update(mixed_precision="bf16", use_came=kind == "deepspeed")
-    else:
-        head += ["--multi_gpu"]
-        env["ACCELERATE_USE_CPU"] = "true"
-    out = tmp_path / kind
-    args = train_args(store, tiny_model_dir, out, **options)
-    args += ["--validation-prompts", str(three_prompts), "--validation-steps", "1"]
-    args += ["--validation-epochs", "0"]
-    res = subprocess.run(
-        head + cogfun_cmd() + args, env=env, capture_output=True, text=True, timeout=400
-    )
-    assert res.returncode == 0, res.stderr[-6000:]
-    assert _videos(out) == {f"step-{s}/{i:02d}.mp4" for s in (1, 2) for i in (0, 1, 2)}
-    rows = metrics(out)
-    assert [(r["validation_videos"], r["validation_failed"]) for r in rows] == [(3, 0), (3, 0)]
-    args[args.index("--max-train-steps") + 1] = "3"
-    res = subprocess.run(
-        head + cogfun_cmd() + args, env=env, capture_output=True, text=True, timeout=400
-    )
-    assert res.returncode == 0, res.stderr[-6000:]
-    assert "step-3/02.mp4" in _videos(out)
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3] and metrics(out)[:2] == rows

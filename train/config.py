@@ -129,10 +129,14 @@ class TrainConfig:
     )
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs.")
     trainable_modules: list[str] = option(
-        help="Parameter-name substrings to train ('.' = everything).", factory=lambda: ["."]
+        help="Parameter-name substrings to train ('.' = everything).",
+        factory=lambda: ["."],
+        variadic=True,
     )
     trainable_modules_low_learning_rate: list[str] = option(
-        help="Parameter-name substrings trained at half the learning rate.", factory=list
+        help="Parameter-name substrings trained at half the learning rate.",
+        factory=list,
+        variadic=True,
     )
     lora: bool = option(
         False,
@@ -200,11 +204,12 @@ class TrainConfig:
         choices=("auto", "bar", "log", "none"),
     )
     validation_prompts: list[str] = option(
-        help="Prompts sampled during training (repeat the flag per prompt), or one .txt file (a "
-        "prompt per line) or `cogfun encode-prompts` .safetensors file, or `store`: the prompts "
+        help="Prompts sampled during training (several after the flag, as the original), or one "
+        ".txt file (a prompt per line) or `cogfun encode-prompts` .safetensors file, or `store`: the prompts "
         "`cogfun precompute --validation-prompts` encoded into the --latents store. Texts go "
         "through T5 once before training; T5 is released before the first step.",
         factory=list,
+        variadic=True,
     )
     validation_paths: list[Path] = option(
         help="Start images, one per validation prompt in order: validation samples image to "
