@@ -18,11 +18,11 @@ The Fun model families, by their transformer config (latent channels C = 16 for 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from cogfun.common.models import ModelFolderError
+from cogfun.common.modes import parse_transformer_config, transformer_config_path
 
 SETTINGS_KEY = "transformer"  # the store settings entry `encoded_for` fills
 
@@ -34,16 +34,13 @@ class UnsupportedModel(ModelFolderError):
 def read_transformer_config(model_dir: Path, why: str) -> dict[str, Any]:
     """`model_dir/transformer/config.json` as a dict; ModelFolderError naming the file and `why` it
     is needed when it is missing or unreadable."""
-    path = Path(model_dir) / "transformer" / "config.json"
+    path = transformer_config_path(model_dir)
     if not path.is_file():
         raise ModelFolderError(f"{path} is missing: {why}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return parse_transformer_config(path)
+    except (OSError, ValueError) as err:
         raise ModelFolderError(f"{path}: cannot read the transformer config ({err})") from err
-    if not isinstance(config, dict):
-        raise ModelFolderError(f"{path}: the transformer config is not a JSON object")
-    return config
 
 
 def names_control(tconfig: dict[str, Any]) -> bool:

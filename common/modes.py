@@ -12,16 +12,29 @@ from pathlib import Path
 from typing import Any
 
 
+def transformer_config_path(model: Path) -> Path:
+    return Path(model) / "transformer" / "config.json"
+
+
+def parse_transformer_config(path: Path) -> dict[str, Any]:
+    """The JSON object in a transformer `config.json`; OSError / ValueError when it cannot be read
+    or is not an object (callers say what that means for them)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("the transformer config is not a JSON object")
+    return data
+
+
 def read_transformer_config(model: Path) -> dict[str, Any] | None:
-    """`model/transformer/config.json`, or None when there is none (a precompute-only folder)."""
-    path = Path(model) / "transformer" / "config.json"
+    """`model/transformer/config.json`, or None when there is none or it cannot be read (a
+    precompute-only folder; precompute's own check then names the problem)."""
+    path = transformer_config_path(model)
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return parse_transformer_config(path)
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
-    return data if isinstance(data, dict) else None
 
 
 def model_mode(tconfig: dict[str, Any]) -> str | None:

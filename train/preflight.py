@@ -49,15 +49,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainRefused("; ".join(problems))
 
 
-def read_transformer_config(model_dir: Path) -> dict[str, Any]:
-    """The transformer's config.json (read as JSON: no weights are loaded to check a store)."""
-    path = model_dir / "transformer" / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ModelFolderError(f"{path}: cannot read the transformer config ({err})") from err
-
-
 def input_channels(latent_channels: int, mode: str) -> int:
     """Transformer input channels: noisy latents, plus mask + masked-video latents for inpaint."""
     return 2 * latent_channels + 1 if mode == "inpaint" else latent_channels

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cogfun.common.model_kind import read_transformer_config
 from cogfun.common.models import check_model_folder
 from cogfun.common.store import open_store
 from cogfun.train import distributed, lora_train, memory_checks, optim
@@ -32,7 +33,6 @@ from cogfun.train.preflight import (
     check_config,
     check_store,
     input_channels,
-    read_transformer_config,
 )
 from cogfun.train.resolve import resolve_mode
 from cogfun.train.state import TrainingState
@@ -190,7 +190,9 @@ def setup(cfg: TrainConfig, store_options: dict[str, Any] | None = None) -> Trai
     specs = parse_latents(cfg.latents)
     disable_progress_bar()  # diffusers' per-save "Writing model shards" bars
     model_dir = check_model_folder(cfg.model, ["transformer", "scheduler"])
-    tconfig = read_transformer_config(model_dir)
+    tconfig = read_transformer_config(
+        model_dir, "training reads the transformer's layout (channels, patches) from it"
+    )
     cfg = resolve_mode(cfg, tconfig, model_dir)
     build = store_config(cfg, store_options or {})
     if build is not None:
