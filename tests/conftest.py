@@ -28,3 +28,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from cogfun.common.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", variant="2b-inp", seed=0)
+
+
+@pytest.fixture
+def t5_builds(monkeypatch):
+    """Every T5EncoderModel constructed in this process (tests assert how many)."""
+    import transformers
+
+    built: list[str] = []
+    init = transformers.T5EncoderModel.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.T5EncoderModel, "__init__", spy)
+    return built

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import av
 import pytest
-import transformers
 from cogfun.common.cli import app
 from cogfun.train.preflight import TrainRefused
-from train_support import make_store, metrics, run_in_process
+from train_support import make_store, metrics, run_in_process, validation_videos
 from typer.testing import CliRunner
 
 FAST = dict(
@@ -42,26 +41,6 @@ def embeddings(tmp_path_factory, tiny_model_dir):
     return _encode(tmp_path_factory.mktemp("val"), tiny_model_dir, ["a red square drifts", "a dog"])
 
 
-@pytest.fixture
-def t5_builds(monkeypatch):
-    """Every T5EncoderModel constructed in this process (the test asserts there are none)."""
-    built = []
-    init = transformers.T5EncoderModel.__init__
-
-    def spy(self, *args, **kwargs):
-        built.append(type(self).__name__)
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.T5EncoderModel, "__init__", spy)
-    return built
-
-
-def _videos(out):
-    return {
-        p.relative_to(out / "validation").as_posix() for p in (out / "validation").rglob("*.mp4")
-    }
-
-
 def test_embeddings_file_samples_at_the_steps_and_never_builds_t5(
     store, tiny_model_dir, embeddings, tmp_path, t5_builds
 ):
@@ -76,7 +55,12 @@ def test_embeddings_file_samples_at_the_steps_and_never_builds_t5(
         **FAST,
     )
     assert t5_builds == []
-    assert _videos(out) == {"step-2/00.mp4", "step-2/01.mp4", "step-4/00.mp4", "step-4/01.mp4"}
+    assert validation_videos(out) == {
+        "step-2/00.mp4",
+        "step-2/01.mp4",
+        "step-4/00.mp4",
+        "step-4/01.mp4",
+    }
     with av.open(str(out / "validation/step-4/01.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
@@ -124,7 +108,7 @@ def test_text_prompts_go_through_t5_once_before_the_transformer_loads(
 
     saved = load_prompt_embeds(out / "validation" / "prompts.safetensors")
     assert saved.prompts == ["a cat", "a dog"] and saved.negative_prompt == "bad detailed"
-    assert _videos(out) == {"step-2/00.mp4", "step-2/01.mp4"}
+    assert validation_videos(out) == {"step-2/00.mp4", "step-2/01.mp4"}
 
 
 def test_ema_weights_sample_and_training_weights_come_back(

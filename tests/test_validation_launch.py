@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cogfun.common.cli import app
 from fault_support import train_compare
-from train_support import cli_env, cogfun_cmd, make_store, metrics, train_args
+from train_support import cli_env, cogfun_cmd, make_store, metrics, train_args, validation_videos
 from typer.testing import CliRunner
 
 FAST = dict(
@@ -130,12 +130,6 @@ def three_prompts(tmp_path_factory, tiny_model_dir):
     return _encode(tmp_path_factory.mktemp("val3"), tiny_model_dir, ["a cat", "a dog", "a bird"])
 
 
-def _videos(out: Path) -> set[str]:
-    return {
-        p.relative_to(out / "validation").as_posix() for p in (out / "validation").rglob("*.mp4")
-    }
-
-
 @pytest.mark.slow
 def test_the_t5_hook_records_a_t5_built_in_a_child(tiny_model_dir, tmp_path):
     """The hook the launches below rely on: a process that does build T5 shows up."""
@@ -200,14 +194,14 @@ def test_every_rank_takes_part_under_accelerate_launch(
 
     out = tmp_path / kind
     launch(out, 2, tmp_path / "t5-first", validation=True)
-    assert _videos(out) == {f"step-{s}/{i:02d}.mp4" for s in (1, 2) for i in (0, 1, 2)}
+    assert validation_videos(out) == {f"step-{s}/{i:02d}.mp4" for s in (1, 2) for i in (0, 1, 2)}
     rows = metrics(out)
     assert [(r["validation_videos"], r["validation_failed"]) for r in rows] == [(3, 0), (3, 0)]
     assert_no_t5(tmp_path / "t5-first")
 
     stderr = launch(out, 3, tmp_path / "t5-resumed", validation=True)
     assert f"resuming from {out / 'checkpoint-2'}" in stderr
-    assert _videos(out) == {f"step-{s}/{i:02d}.mp4" for s in (1, 2, 3) for i in (0, 1, 2)}
+    assert validation_videos(out) == {f"step-{s}/{i:02d}.mp4" for s in (1, 2, 3) for i in (0, 1, 2)}
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert metrics(out)[2]["validation_videos"] == 3
     assert_no_t5(tmp_path / "t5-resumed")

@@ -5,10 +5,9 @@
 from __future__ import annotations
 
 import pytest
-import transformers
 from cogfun.common.cli import app
 from cogfun.train.preflight import TrainRefused
-from train_support import make_store, metrics, run_in_process
+from train_support import make_store, metrics, run_in_process, validation_videos
 from typer.testing import CliRunner
 
 FAST = dict(
@@ -37,26 +36,6 @@ def embeddings(tmp_path_factory, tiny_model_dir):
     )
     assert result.exit_code == 0, result.output
     return out
-
-
-@pytest.fixture
-def t5_builds(monkeypatch):
-    """Every T5EncoderModel constructed in this process."""
-    built = []
-    init = transformers.T5EncoderModel.__init__
-
-    def spy(self, *args, **kwargs):
-        built.append(type(self).__name__)
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.T5EncoderModel, "__init__", spy)
-    return built
-
-
-def _videos(out):
-    return {
-        p.relative_to(out / "validation").as_posix() for p in (out / "validation").rglob("*.mp4")
-    }
 
 
 def _precompute(dataset, model, out, **kw):
@@ -127,7 +106,7 @@ def test_precompute_encodes_validation_prompts_into_the_store_and_train_reads_th
         **FAST,
     )
     assert len(t5_builds) == builds
-    assert _videos(out) == {"step-2/00.mp4", "step-2/01.mp4"}
+    assert validation_videos(out) == {"step-2/00.mp4", "step-2/01.mp4"}
 
     bad = tmp_path / "bad.txt"
     bad.write_text("\n \n")
@@ -186,7 +165,7 @@ def test_validation_paths_sample_image_to_video(
         validation_steps=2,
         **FAST,
     )
-    assert _videos(out) == {"step-2/00.mp4", "step-2/01.mp4"}
+    assert validation_videos(out) == {"step-2/00.mp4", "step-2/01.mp4"}
     assert len(calls) == 2
     for (video, mask, inpaint), image in zip(calls, start_images, strict=True):
         expected, _ = image_to_video(image, None, SampleSize(5, 32, 32))

@@ -184,3 +184,10 @@ def run_cli(args: list[str], timeout: float = 300, **kw: Any) -> subprocess.Comp
         timeout=timeout,
         **kw,
     )
+
+
+def validation_videos(out: Path) -> set[str]:
+    """The validation videos a run wrote, as `step-N/NN.mp4` paths under `out/validation`."""
+    return {
+        p.relative_to(out / "validation").as_posix() for p in (out / "validation").rglob("*.mp4")
+    }
