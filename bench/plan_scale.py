@@ -55,7 +55,7 @@ def _rss_mb() -> float:
 
 def child(meta: Path) -> dict[str, float]:
     """The planning steps in this (fresh) process; returns their times and peak RSS."""
-    from cogfun.common.store_schema import plan_digest
+    from cogfun.common.store.schema import plan_digest
     from cogfun.precompute.config import PrecomputeConfig
     from cogfun.precompute.decode import MediaInfo
     from cogfun.precompute.metadata import read_metadata

@@ -76,7 +76,7 @@ def precompute(model: Path, data: Path, meta: Path, out: Path, frames: int, size
 def store_bytes(path: Path) -> dict[str, float]:
     """Disk bytes per sample, compression ratio and the caption-dedup computation of one store."""
     from cogfun.common.store import open_store
-    from cogfun.common.store_io import disk_bytes
+    from cogfun.common.store.io import disk_bytes
 
     reader = open_store(path)
     s = reader.summary()

@@ -214,8 +214,9 @@ def test_reader_threads_pin_every_tensor_when_asked(monkeypatch):
 def test_a_batch_reads_only_the_plan_chunks_that_hold_its_slots(tmp_path, monkeypatch):
     """Caption indices and provenance hashes come from the plan chunks holding the batch's slots
     (read once each), so a 100k-sample bucket's first batch costs what a 1k one's does."""
-    from cogfun.common import store_chunks, store_schema
+    from cogfun.common.store import chunks as store_chunks
     from cogfun.common.store import open_store
+    from cogfun.common.store import schema as store_schema
 
     monkeypatch.setattr(store_schema, "PLAN_CHUNK_ROWS", 3)  # 10 rows: chunks 0-2, 3-5, 6-8, 9
     path = tmp_path / "chunks.zarr"

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from cogfun.common import store_chunks
 from cogfun.common.store import (
     BucketPlan,
     DamagedSample,
@@ -20,7 +19,8 @@ from cogfun.common.store import (
     open_for_write,
     open_store,
 )
-from cogfun.common.store_chunks import chunk_files
+from cogfun.common.store import chunks as store_chunks
+from cogfun.common.store.chunks import chunk_files
 
 BUCKET = "f5_h16_w16"
 K = 2

@@ -12,8 +12,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from cogfun.common import store_chunks
 from cogfun.common.store import DamagedSample, StoreError, StoreReadError, open_store
+from cogfun.common.store import chunks as store_chunks
 from cogfun.train.data import StoreBatchDataset
 from train_support import make_store
 
@@ -57,7 +57,7 @@ def latents_file(store, slot: int) -> str:
 def test_a_passing_io_error_is_retried_and_the_read_succeeds(store, monkeypatch, pauses, caplog):
     clean = open_store(store).read_batch(BUCKET, [2, 3])
     calls = failing_reads(monkeypatch, latents_file(store, 3), failures=2)
-    with caplog.at_level(logging.WARNING, logger="cogfun.common.store_chunks"):
+    with caplog.at_level(logging.WARNING, logger="cogfun.common.store.chunks"):
         batch = open_store(store).read_batch(BUCKET, [2, 3])
     assert torch.equal(batch["latents"], clean["latents"])
     assert torch.equal(batch["caption"], clean["caption"])

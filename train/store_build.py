@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cogfun.common.options import flag_names
-from cogfun.common.store_schema import FingerprintMismatch, fingerprint, settings_diff
+from cogfun.common.store.schema import FingerprintMismatch, fingerprint, settings_diff
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.train.config import TrainConfig
 from cogfun.train.preflight import TrainRefused
@@ -85,7 +85,7 @@ def _expected_settings(build: PrecomputeConfig) -> dict[str, Any]:
     import torch
     from cogfun.common.model_kind import read_transformer_config
     from cogfun.common.models import check_model_folder
-    from cogfun.common.store_schema import normalise_json
+    from cogfun.common.store.schema import normalise_json
     from cogfun.precompute import run as precompute
     from cogfun.precompute.encode import resolve_dtype
     from cogfun.precompute.ranks import use_cuda
@@ -107,7 +107,7 @@ def _expected_settings(build: PrecomputeConfig) -> dict[str, Any]:
 def _store_state(path: Path, expected: dict[str, Any]) -> str:
     """'new' (no store), 'resume' (unfinished, same settings) or 'reuse' (complete, same
     settings); a store with other settings is refused naming each difference."""
-    from cogfun.common.store_io import check_root
+    from cogfun.common.store.io import check_root
 
     if not (path / "zarr.json").is_file():
         return "new"

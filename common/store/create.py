@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from cogfun.common.store_io import check_root, create_array
-from cogfun.common.store_schema import (
+from cogfun.common.store.io import check_root, create_array
+from cogfun.common.store.schema import (
     DEFAULT_COMPRESSION,
     FAILURES_DIR,
     SCHEMA_VERSION,
@@ -37,7 +37,7 @@ from cogfun.common.store_schema import (
     text_checksum,
     validate_plan,
 )
-from cogfun.common.store_write import StoreWriter, now_iso
+from cogfun.common.store.write import StoreWriter, now_iso
 
 # Variable-width strings: a fixed-width numpy array would pad every row to the longest one.
 STRINGS = np.dtypes.StringDType()

@@ -11,8 +11,8 @@ import json
 from typing import TYPE_CHECKING
 
 import numpy as np
-from cogfun.common.store_io import disk_bytes, read_flags
-from cogfun.common.store_schema import (
+from cogfun.common.store.io import disk_bytes, read_flags
+from cogfun.common.store.schema import (
     FAILURES_DIR,
     DamagedSample,
     StoreError,
@@ -21,7 +21,7 @@ from cogfun.common.store_schema import (
 )
 
 if TYPE_CHECKING:
-    from cogfun.common.store_read import StoreReader
+    from cogfun.common.store.read import StoreReader
 
 SCAN_BATCH = 64  # samples per zarr read: zarr fetches the chunks of one read concurrently
 _ARRAYS = ("latents", "masks", "masked_latents", "all_masked")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from cogfun.common.store_schema import StoreReadError
+from cogfun.common.store.schema import StoreReadError
 from numcodecs import Blosc
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from cogfun.common.store_chunks import ChunkFiles, chunk_files, retry_reads
-from cogfun.common.store_schema import (
+from cogfun.common.store.chunks import ChunkFiles, chunk_files, retry_reads
+from cogfun.common.store.schema import (
     SCHEMA_VERSION,
     STORE_FORMAT,
     ArraySpec,

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import zarr
-from cogfun.common.store_chunks import ChunkFiles, write_all
-from cogfun.common.store_io import (
+from cogfun.common.store.chunks import ChunkFiles, write_all
+from cogfun.common.store.io import (
     open_array,
     open_chunk_files,
     open_group,
@@ -27,7 +27,7 @@ from cogfun.common.store_io import (
     to_bits,
     to_flags,
 )
-from cogfun.common.store_schema import (
+from cogfun.common.store.schema import (
     FAILURES_DIR,
     BucketPlan,
     StoreError,

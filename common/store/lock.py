@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from cogfun.common.store_schema import StoreError
+from cogfun.common.store.schema import StoreError
 
 
 def lock_path(store: Path) -> Path:

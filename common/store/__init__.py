@@ -45,10 +45,10 @@ truncated or an altered one is caught by content. Arrays are pre-sized from the 
 resized; chunks are never shared between samples, so processes writing disjoint slots lose nothing.
 """
 
-from cogfun.common.store_create import open_for_write
-from cogfun.common.store_lock import StoreLock, live_writer
-from cogfun.common.store_read import StoreReader, open_store
-from cogfun.common.store_schema import (
+from cogfun.common.store.create import open_for_write
+from cogfun.common.store.lock import StoreLock, live_writer
+from cogfun.common.store.read import StoreReader, open_store
+from cogfun.common.store.schema import (
     SCHEMA_VERSION,
     BucketInfo,
     BucketPlan,
@@ -61,7 +61,7 @@ from cogfun.common.store_schema import (
     StoreReadError,
     fingerprint,
 )
-from cogfun.common.store_write import StoreWriter
+from cogfun.common.store.write import StoreWriter
 
 __all__ = [
     "SCHEMA_VERSION",

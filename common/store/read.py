@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from cogfun.common import store_scan
-from cogfun.common.store_chunks import ChunkFiles
-from cogfun.common.store_io import (
+from cogfun.common.store import scan as store_scan
+from cogfun.common.store.chunks import ChunkFiles
+from cogfun.common.store.io import (
     check_root,
     failed_slot,
     from_bits,
@@ -36,8 +36,8 @@ from cogfun.common.store_io import (
     take_rows,
     zarr_read,
 )
-from cogfun.common.store_lock import live_writer
-from cogfun.common.store_schema import (
+from cogfun.common.store.lock import live_writer
+from cogfun.common.store.schema import (
     BucketInfo,
     DamagedSample,
     StoreError,
