@@ -1,7 +1,7 @@
 """Fault matrices: kill -9, full disk, damaged stores, bad inputs, fingerprints, planted pickles.
 
-    python bench/faults.py                      # the full matrix (~15 min on 2 CPU cores)
-    python bench/faults.py --seed 7 --kills 20  # other seeded moments, more of them
+    python -m bench.faults                      # the full matrix (~15 min on 2 CPU cores)
+    python -m bench.faults --seed 7 --kills 20  # other seeded moments, more of them
 
 It writes the tiny model and a small dataset (7 samples' files and a broken one) to a temporary
 folder and runs `cogfun precompute` and `cogfun train` as real processes. A kill is SIGKILL from
@@ -29,10 +29,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the fault hooks and builders the tests use
+from cogfun.testing import runs
+from cogfun.testing.faults import KILLED, hook_env, read_log, write_kind
 
-import fault_support as fs  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 KINDS = (
     "store creation",
@@ -117,12 +117,12 @@ class Precompute:
 
     def __init__(self, work: Path, model: Path):
         self.work, self.model = work, model
-        self.data = fs.fault_dataset(work / "data")
+        self.data = runs.fault_dataset(work / "data")
         ref, count_log = work / "ref.zarr", work / "ref.writes"
-        env = fs.hook_env(work, "count", log=count_log)
-        self.phase, _ = fs.timed_run(self.args(ref), env, fs.writing_started(ref))
-        self.ref = fs.snapshot(ref)
-        self.writes = [(n, fs.write_kind(p)) for n, _, p in fs.read_log(count_log)]
+        env = hook_env(work, "count", log=count_log)
+        self.phase, _ = runs.timed_run(self.args(ref), env, runs.writing_started(ref))
+        self.ref = runs.snapshot(ref)
+        self.writes = [(n, write_kind(p)) for n, _, p in read_log(count_log)]
         self.n = 0
         log(
             f"reference: {self.ref.samples} samples, {len(self.writes)} zarr writes, "
@@ -130,7 +130,7 @@ class Precompute:
         )
 
     def args(self, out: Path) -> list[str]:
-        return fs.precompute_args(self.data, self.model, out)
+        return runs.precompute_args(self.data, self.model, out)
 
     def out(self) -> Path:
         self.n += 1
@@ -139,8 +139,8 @@ class Precompute:
     def rerun(self, out: Path, processes: int = 1):
         def go() -> int:
             if processes == 1:
-                return fs.cogfun(self.args(out), fs.hook_env(self.work)).returncode
-            return fs.launch(self.args(out), fs.hook_env(self.work), processes).returncode
+                return runs.cogfun(self.args(out), hook_env(self.work)).returncode
+            return runs.launch(self.args(out), hook_env(self.work), processes).returncode
 
         return go
 
@@ -149,7 +149,7 @@ class Precompute:
     ) -> None:
         """Rerun to the end and compare with the reference; `torn` (read as damaged right after
         the interruption) must be 0."""
-        result = fs.resume_and_compare(out, self.ref, self.rerun(out, rerun_processes))
+        result = runs.resume_and_compare(out, self.ref, self.rerun(out, rerun_processes))
         ok_after_kill = result["torn"] == 0
         row.add(
             result["lost"],
@@ -166,11 +166,11 @@ def kill_at_writes(pc: Precompute, rng: random.Random, trials: int) -> Row:
         kind, mode = KINDS[i % len(KINDS)], MODES[i % len(MODES)]
         n = rng.choice([n for n, k in pc.writes if k == kind])
         out, hit = pc.out(), pc.work / f"hit{pc.n:03d}.log"
-        code = fs.cogfun(pc.args(out), fs.hook_env(pc.work, f"{mode}:{n}", log=hit)).returncode
-        ((_, _, path),) = fs.read_log(hit)
-        assert code == fs.KILLED, (mode, n, code)
-        pc.settle(row, out, f"{mode} {fs.write_kind(path)}")
-        log(f"{row.scenario}: {mode}:{n} ({fs.write_kind(path)})")
+        code = runs.cogfun(pc.args(out), hook_env(pc.work, f"{mode}:{n}", log=hit)).returncode
+        ((_, _, path),) = read_log(hit)
+        assert code == KILLED, (mode, n, code)
+        pc.settle(row, out, f"{mode} {write_kind(path)}")
+        log(f"{row.scenario}: {mode}:{n} ({write_kind(path)})")
     return row
 
 
@@ -179,7 +179,9 @@ def kill_at_times(pc: Precompute, rng: random.Random, trials: int) -> Row:
     for _ in range(trials):
         delay = rng.uniform(0.0, pc.phase)
         out = pc.out()
-        _, killed = fs.timed_run(pc.args(out), fs.hook_env(pc.work), fs.writing_started(out), delay)
+        _, killed = runs.timed_run(
+            pc.args(out), hook_env(pc.work), runs.writing_started(out), delay
+        )
         pc.settle(row, out, "killed" if killed else "finished before the kill")
         log(f"{row.scenario}: {delay:.2f} s into writing, killed={killed}")
     return row
@@ -190,10 +192,10 @@ def kill_twice(pc: Precompute, rng: random.Random, trials: int) -> Row:
     for i in range(trials):
         out = pc.out()
         first = rng.choice([n for n, k in pc.writes if k == KINDS[3 + i % 3]])
-        fs.cogfun(pc.args(out), fs.hook_env(pc.work, f"kill-after:{first}"))
+        runs.cogfun(pc.args(out), hook_env(pc.work, f"kill-after:{first}"))
         second = rng.randint(1, 12)  # the rerun's own writes: it redoes the chunks left
-        again = fs.cogfun(pc.args(out), fs.hook_env(pc.work, f"kill-torn:{second}"))
-        pc.settle(row, out, "killed twice" if again.returncode == fs.KILLED else "rerun finished")
+        again = runs.cogfun(pc.args(out), hook_env(pc.work, f"kill-torn:{second}"))
+        pc.settle(row, out, "killed twice" if again.returncode == KILLED else "rerun finished")
         log(f"{row.scenario}: kill-after:{first}, then kill-torn:{second}")
     return row
 
@@ -206,10 +208,10 @@ def kill_one_rank(pc: Precompute, rng: random.Random) -> Row:
     for rank, rerun in ((1, 1), (0, 2)):
         n = rng.randint(1, 12) + (creation if rank == 0 else 0)
         out, hit = pc.out(), pc.work / f"hit{pc.n:03d}.log"
-        res = fs.launch(pc.args(out), fs.hook_env(pc.work, f"kill-after:{n}", rank=rank, log=hit))
-        ((_, _, path),) = fs.read_log(hit)
+        res = runs.launch(pc.args(out), hook_env(pc.work, f"kill-after:{n}", rank=rank, log=hit))
+        ((_, _, path),) = read_log(hit)
         assert res.returncode != 0, res.stderr[-2000:]
-        pc.settle(row, out, f"rank {rank} at {fs.write_kind(path)}", rerun_processes=rerun)
+        pc.settle(row, out, f"rank {rank} at {write_kind(path)}", rerun_processes=rerun)
         log(f"{row.scenario}: rank {rank} kill-after:{n}, rerun with {rerun}")
     return row
 
@@ -225,7 +227,7 @@ def disk_full(pc: Precompute, rng: random.Random) -> Row:
     ):
         n = rng.choice([n for n, k in pc.writes if k == kind])
         out = pc.out()
-        res = fs.cogfun(pc.args(out), fs.hook_env(pc.work, f"enospc:{n}"))
+        res = runs.cogfun(pc.args(out), hook_env(pc.work, f"enospc:{n}"))
         clear = (
             res.returncode == 2
             and "the disk is full" in res.stderr
@@ -245,22 +247,22 @@ class Train:
         self.work, self.model, self.store, self.n = work, model, store, 0
         self.ref = work / "train_ref"
         started = lambda: (self.ref / "metrics.jsonl").exists()  # noqa: E731
-        self.phase, _ = fs.timed_run(self.args(self.ref), fs.hook_env(work), started)
-        steps, every = fs.TRAIN_OPTS["max_train_steps"], fs.TRAIN_OPTS["checkpointing_steps"]
+        self.phase, _ = runs.timed_run(self.args(self.ref), hook_env(work), started)
+        steps, every = runs.TRAIN_OPTS["max_train_steps"], runs.TRAIN_OPTS["checkpointing_steps"]
         self.checkpoints = steps // every
         log(f"train reference: {steps} steps, {self.checkpoints} checkpoints, {self.phase:.1f} s")
 
     def args(self, out: Path, **kw) -> list[str]:
-        return fs.train_cli_args(self.store, self.model, out, **kw)
+        return runs.train_cli_args(self.store, self.model, out, **kw)
 
     def out(self) -> Path:
         self.n += 1
         return self.work / f"train{self.n:03d}"
 
     def settle(self, row: Row, out: Path, note: str, detected: bool = True) -> None:
-        partial, latest = fs.checkpoint_report(out)
-        resumed = fs.cogfun(self.args(out), fs.hook_env(self.work))
-        lost, duplicated, identical = fs.train_compare(self.ref, out)
+        partial, latest = runs.checkpoint_report(out)
+        resumed = runs.cogfun(self.args(out), hook_env(self.work))
+        lost, duplicated, identical = runs.train_compare(self.ref, out)
         start = f"resumed from {latest.name}" if latest else "restarted"
         ok = identical and resumed.returncode == 0
         row.add(lost, duplicated, ok, detected and partial == 0, f"{note} ({start})")
@@ -271,8 +273,8 @@ def train_kills(tr: Train, rng: random.Random, timed: int, writes: int, publishe
     for _ in range(timed):
         out = tr.out()
         delay = rng.uniform(0.0, tr.phase)
-        _, killed = fs.timed_run(
-            tr.args(out), fs.hook_env(tr.work), lambda o=out: (o / "metrics.jsonl").exists(), delay
+        _, killed = runs.timed_run(
+            tr.args(out), hook_env(tr.work), lambda o=out: (o / "metrics.jsonl").exists(), delay
         )
         tr.settle(row, out, "timed kill" if killed else "finished first")
         log(f"{row.scenario}: {delay:.2f} s into training, killed={killed}")
@@ -282,8 +284,8 @@ def train_kills(tr: Train, rng: random.Random, timed: int, writes: int, publishe
     faults += [f"ckpt-publish:{rng.randint(1, tr.checkpoints - 1)}" for _ in range(publishes)]
     for fault in faults:
         out = tr.out()
-        res = fs.cogfun(tr.args(out), fs.hook_env(tr.work, fault))
-        assert res.returncode == fs.KILLED, (fault, res.stderr[-2000:])
+        res = runs.cogfun(tr.args(out), hook_env(tr.work, fault))
+        assert res.returncode == KILLED, (fault, res.stderr[-2000:])
         tr.settle(row, out, fault.split(":")[0])
         log(f"{row.scenario}: {fault}")
     return row
@@ -293,7 +295,7 @@ def train_disk_full(tr: Train, rng: random.Random) -> Row:
     row = Row("train: disk full during a checkpoint save, then space freed")
     for _ in range(2):
         out, n = tr.out(), rng.randint(1, 4 * (tr.checkpoints - 1))
-        res = fs.cogfun(tr.args(out), fs.hook_env(tr.work, f"ckpt-enospc:{n}"))
+        res = runs.cogfun(tr.args(out), hook_env(tr.work, f"ckpt-enospc:{n}"))
         clear = (
             res.returncode != 0 and "disk is full" in res.stderr and "Traceback" not in res.stderr
         )
@@ -367,7 +369,7 @@ def main() -> int:
         args.kills, args.timed = 3, 1
     start, rng = time.monotonic(), random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="cogfun-bench-faults-"))
-    from cogfun.common.tiny import write_tiny_model
+    from cogfun.testing.tiny import write_tiny_model
 
     model = write_tiny_model(work / "model")
     pc = Precompute(work, model)

@@ -1,8 +1,8 @@
 """Per-sample forward FLOPs of the VAE, T5 and the transformer, and the cost ratios between them.
 
-    python bench/flops.py                    # the proportional benchmark model at 49x128x128
-    python bench/flops.py --model DIR        # any model folder (configs read from its parts)
-    python bench/flops.py --real             # the real 2b-InP at 49x512x512 (T5-XXL, 226 tokens)
+    python -m bench.flops                    # the proportional benchmark model at 49x128x128
+    python -m bench.flops --model DIR        # any model folder (configs read from its parts)
+    python -m bench.flops --real             # the real 2b-InP at 49x512x512 (T5-XXL, 226 tokens)
 
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add, matmuls,
 convolutions and attention only) on the meta device: no weights are allocated and nothing is
@@ -32,9 +32,6 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-if __package__ in (None, ""):  # run as `python bench/flops.py`: make `bench.*` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.models import (
     PROPORTIONAL_T5,

@@ -1,8 +1,8 @@
 """The real 2b-InP transformer training step and VAE encode on one GPU, with random weights.
 
-    python bench/gpu.py                      # CUDA, real sizes
-    python bench/gpu.py --peak-tflops 989    # override the device's peak dense bf16 TFLOPS
-    python bench/gpu.py --reduced            # tiny sizes on the CPU (what the tests run)
+    python -m bench.gpu                      # CUDA, real sizes
+    python -m bench.gpu --peak-tflops 989    # override the device's peak dense bf16 TFLOPS
+    python -m bench.gpu --reduced            # tiny sizes on the CPU (what the tests run)
 
 Transformer: CogVideoX-Fun-2b-InP dimensions (30 layers, 30 heads x 64 = 1920 wide, 33 input
 channels, text 226 x 4096), one sample of 13 x 64 x 64 latents = 49 x 512 x 512 pixels = 13,312
@@ -31,13 +31,9 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-
-if __package__ in (None, ""):  # run as `python bench/gpu.py`: make `bench.*` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.flops import transformer_flops
 from bench.models import (

@@ -1,9 +1,9 @@
 """Real `cogfun` commands on one GPU, every figure printed as a `name: value` line.
 
-    python bench/gpu_check.py --prepare --workdir .whl/stores   # here, on the CPU (gpu_wheels.sh)
-    python bench/gpu_check.py [--stores .whl/stores]            # on the GPU (gpu_check.sh)
-    python bench/gpu_check.py --precompute                      # on the GPU, needs PyAV
-    python bench/gpu_check.py --cpu-reduced                     # all of it here, small sizes
+    python -m bench.gpu_check --prepare --workdir .whl/stores   # here, on the CPU (gpu_wheels.sh)
+    python -m bench.gpu_check [--stores .whl/stores]            # on the GPU (gpu_check.sh)
+    python -m bench.gpu_check --precompute                      # on the GPU, needs PyAV
+    python -m bench.gpu_check --cpu-reduced                     # all of it here, small sizes
 
 `--prepare` writes what the training steps read, so the GPU machine needs no PyAV (35 MB, more than
 a device call can carry beside the rest): the tiny model and its store (4 generated clips), and a
@@ -32,9 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/gpu_check.py`: make `bench.*` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG = ROOT / "config" / "zero_stage2_config.json"
 
@@ -44,7 +41,7 @@ def say(name: str, value: object) -> None:
 
 
 def cogfun() -> list[str]:
-    return [sys.executable, "-c", "from cogfun.common.cli import main; main()"]
+    return [sys.executable, "-c", "from cogfun.app.cli import main; main()"]
 
 
 def run(cmd: list[str], label: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -103,7 +100,7 @@ def write_wide_model(
     (`small`) bench/models.py's proportional ones; `vae` "real" (the 2b VAE), "small" or "" (none);
     `weights` False writes only the transformer's config.json (all that precompute reads of it)."""
     import torch
-    from cogfun.common import tiny
+    from cogfun.testing import tiny
 
     from bench.models import (
         PROPORTIONAL_T5,
@@ -120,7 +117,7 @@ def write_wide_model(
     if t5:
         from transformers import T5EncoderModel
 
-        vocab = tiny._write_tokenizer(folder / "tokenizer")
+        vocab = tiny.write_tokenizer(folder / "tokenizer")
         width = PROPORTIONAL_T5["d_model"] if small else REAL_2B_TRANSFORMER["text_embed_dim"]
         config = t5_config(vocab, d_model=width, d_kv=64, num_heads=4, d_ff=256, num_layers=1)
         T5EncoderModel(config).save_pretrained(str(folder / "text_encoder"))
@@ -133,14 +130,12 @@ def write_wide_model(
         build_transformer(cfg).save_pretrained(str(folder / "transformer"))
         config = json.loads((folder / "transformer" / "config.json").read_text())
     config["add_noise_in_inpaint_model"] = False  # as real Fun V1.1 checkpoints carry it
-    tiny._write_json(folder / "transformer" / "config.json", config)
+    tiny.write_json(folder / "transformer" / "config.json", config)
     if vae:
         build_vae(REAL_2B_VAE if vae == "real" else proportional_vae_config()).save_pretrained(
             str(folder / "vae")
         )
-    spec = tiny._VARIANTS["2b-inp"]
-    tiny._write_json(folder / "scheduler" / "scheduler_config.json", tiny._scheduler_config(spec))
-    tiny._write_json(folder / "model_index.json", tiny._MODEL_INDEX)
+    tiny.write_pipeline_files(folder, "2b-inp")
     return folder
 
 

@@ -34,7 +34,7 @@ if [ "$mode" = precompute ]; then
     "$PY" -c 'import diffusers, zarr, cogfun' 2>/dev/null ||
         { echo "cogfun is not installed here: this is a fresh machine; run the main check first" && exit 1; }
     "$PY" -m pip install -q --no-index --find-links .whl/av av || exit 1
-    "$PY" bench/gpu_check.py --precompute
+    "$PY" -m bench.gpu_check --precompute
     exit $?
 fi
 
@@ -70,17 +70,17 @@ echo "torch_after: $after"
 [ "$before" = "$after" ] && echo "torch_kept: yes" || echo "torch_kept: NO"
 
 section "cogfun doctor"
-if [ "$mode" = cpu ]; then "$PY" -m cogfun.common.cli doctor; else "$PY" -m cogfun.common.cli doctor --require-cuda; fi
+if [ "$mode" = cpu ]; then "$PY" -m cogfun.app.cli doctor; else "$PY" -m cogfun.app.cli doctor --require-cuda; fi
 echo "doctor_exit: $?"
 
 section "bench/gpu.py"
 if [ "$mode" = cpu ]; then
-    "$PY" bench/gpu.py --reduced --steps 2 --encodes 1 --warmup 1 --vae-variants eager
+    "$PY" -m bench.gpu --reduced --steps 2 --encodes 1 --warmup 1 --vae-variants eager
 else
-    "$PY" bench/gpu.py --vae-variants eager,channels_last
+    "$PY" -m bench.gpu --vae-variants eager,channels_last
 fi
 echo "gpu_py_exit: $?"
 
 section "bench/gpu_check.py"
-if [ "$mode" = cpu ]; then "$PY" bench/gpu_check.py --cpu-reduced; else "$PY" bench/gpu_check.py; fi
+if [ "$mode" = cpu ]; then "$PY" -m bench.gpu_check --cpu-reduced; else "$PY" -m bench.gpu_check; fi
 echo "gpu_check_exit: $?"

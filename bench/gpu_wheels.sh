@@ -11,9 +11,9 @@
 # not diffusers, zarr, numcodecs, DeepSpeed, pydantic, CAME, PyAV or decord. A device call carries at
 # most 64 MiB with the working tree (~20 MB): these wheels at the lock's versions fit, PyAV (35 MB)
 # and decord (13 MB) do not fit beside them, nor bitsandbytes (42 MB). So the stores the training
-# steps read are precomputed here (`bench/gpu_check.py --prepare`: the tiny model's store, and a
-# store at the real 2b text width, 226 x 4096) and `cogfun precompute` runs there only in a second
-# call that carries .whl/av onto the still-warm machine (docs/performance.md, "GPU figures").
+# steps read are precomputed here (`python -m bench.gpu_check --prepare`: the tiny model's store,
+# and a store at the real 2b text width, 226 x 4096) and `cogfun precompute` runs there only in a
+# second call that carries .whl/av onto the still-warm machine (docs/performance.md, "GPU figures").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl/gpu
@@ -43,5 +43,5 @@ if [ "${AV:-0}" = 1 ]; then
         --implementation cp "${platforms[@]}" -d .whl/av "$(pin av)"
 fi
 # The stores and the tiny model the GPU's training steps read (built on this CPU, seconds).
-python3 bench/gpu_check.py --prepare --workdir .whl/stores
+python3 -m bench.gpu_check --prepare --workdir .whl/stores
 du -sh .whl/* && du -sh .whl

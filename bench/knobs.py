@@ -1,8 +1,8 @@
 """Precompute throughput under its speed knobs: `vae_mini_batch`, decode workers, torch threads.
 
-    python bench/knobs.py                     # vae_mini_batch 1 vs 4, proportional model
-    python bench/knobs.py --sweep             # also decode workers {0,1,2} x threads {1,2}
-    python bench/knobs.py --model tiny --videos 2 --rounds 1     # seconds (what the tests run)
+    python -m bench.knobs                     # vae_mini_batch 1 vs 4, proportional model
+    python -m bench.knobs --sweep             # also decode workers {0,1,2} x threads {1,2}
+    python -m bench.knobs --model tiny --videos 2 --rounds 1     # seconds (what the tests run)
 
 Every run is a full pipelined `cogfun precompute` (decode workers ahead of the VAE, writer thread
 behind it) of the same generated clips into a fresh store, in this one process, timed from the
@@ -27,15 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/knobs.py`: make `bench.*` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def write_clips(root: Path, videos: int, frames: int, height: int, width: int) -> Path:
     """Clips long enough for one `frames`-frame stride-3 clip + metadata.json."""
     import json
 
-    from cogfun.common.media import write_video
+    from cogfun.testing.media import write_video
 
     rows = []
     for i in range(videos):
@@ -131,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cogfun-bench-knobs-"))
     try:
         if args.model == "tiny":
-            from cogfun.common.tiny import write_tiny_model
+            from cogfun.testing.tiny import write_tiny_model
 
             model, text_len = write_tiny_model(work / "model"), 226
         else:

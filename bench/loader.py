@@ -1,7 +1,7 @@
 """Training data loader benchmark: throughput against a raw zarr read, and open cost at 1k vs 100k.
 
-    python bench/loader.py                      # builds its stores under the temp dir, prints figures
-    python bench/loader.py --workdir W --workers 2 --repeats 3
+    python -m bench.loader                      # builds its stores under the temp dir, prints figures
+    python -m bench.loader --workdir W --workers 2 --repeats 3
 
 Figures (one `name: value` line each, defined in docs/performance.md):
 - `loader_vs_raw_read`: samples/s of `make_dataloader` (default reader threads, batched reads,
@@ -216,7 +216,7 @@ def open_probe(path: Path, workers: int, batch_size: int) -> dict:
 
 
 def run_probe(path: Path, workers: int, batch_size: int) -> dict:
-    cmd = [sys.executable, __file__, "--probe", str(path), "--workers", str(workers)]
+    cmd = [sys.executable, "-m", "bench.loader", "--probe", str(path), "--workers", str(workers)]
     out = subprocess.run(
         cmd + ["--batch-size", str(batch_size)], check=True, capture_output=True, text=True
     )

@@ -1,8 +1,8 @@
 """Peak training memory per configuration: full AdamW, full CAME, LoRA, 8-bit AdamW, ZeRO-2, ZeRO-3.
 
-    python bench/memory.py               # proportional model (bench/models.py) on CPU
-    python bench/memory.py --quick       # the tiny model on a tiny clip (what tests/test_bench.py runs)
-    python bench/memory.py --gpu         # real 2b/5b dimensions on GPUs, against the goals below
+    python -m bench.memory               # proportional model (bench/models.py) on CPU
+    python -m bench.memory --quick       # the tiny model on a tiny clip (what tests/test_bench.py runs)
+    python -m bench.memory --gpu         # real 2b/5b dimensions on GPUs, against the goals below
 
 Every configuration runs in fresh processes (one, or two through `accelerate launch` for ZeRO) that
 build the pieces `cogfun train` builds — `distributed.make_accelerator`, the transformer with
@@ -68,7 +68,6 @@ GPU_CONFIGS: dict[str, tuple[str, dict[str, Any], str | None, int, float | None]
 
 def real_transformer_config(kind: str) -> dict[str, Any]:
     """The real CogVideoX-Fun 2b-InP or (V1.1) 5b-InP transformer config."""
-    sys.path.insert(0, str(ROOT))
     from bench.models import REAL_2B_TRANSFORMER
 
     if kind == "2b":
@@ -84,13 +83,14 @@ def real_transformer_config(kind: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- worker (one training process)
 
 
-def _rss() -> int:
+def rss_bytes() -> int:
+    """This process's resident memory now (bench/validation.py reads it too)."""
     import psutil
 
     return psutil.Process().memory_info().rss
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -99,14 +99,16 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
+    """VmHWM: the most resident memory since the start or the last `reset_peak`."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _batch(tcfg: dict[str, Any], latents: list[int], gen: Any, device: Any) -> dict[str, Any]:
+def random_batch(tcfg: dict[str, Any], latents: list[int], gen: Any, device: Any) -> dict[str, Any]:
+    """A one-sample inpaint batch of random latents shaped for the transformer config `tcfg`."""
     import torch
 
     frames, h, w = latents
@@ -120,7 +122,8 @@ def _batch(tcfg: dict[str, Any], latents: list[int], gen: Any, device: Any) -> d
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _noise_scheduler() -> Any:
+def noise_scheduler() -> Any:
+    """The CogVideoX training noise schedule (v-prediction, zero-SNR), built without a model."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
@@ -134,7 +137,7 @@ def _noise_scheduler() -> Any:
     )
 
 
-def _warm_up(spec: dict[str, Any], device: Any) -> None:
+def warm_up(spec: dict[str, Any], device: Any) -> None:
     """One step of a one-block copy of the model on a one-frame clip, so the code and allocator
     arenas the first step pages in are not counted as the configuration's memory."""
     import torch
@@ -146,8 +149,8 @@ def _warm_up(spec: dict[str, Any], device: Any) -> None:
     model.enable_gradient_checkpointing()
     gen = torch.Generator().manual_seed(0)
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        batch = _batch(tcfg, [1, *spec["latents"][1:]], gen, device)
-        compute_loss(model, batch, _noise_scheduler(), generator=gen).loss.backward()
+        batch = random_batch(tcfg, [1, *spec["latents"][1:]], gen, device)
+        compute_loss(model, batch, noise_scheduler(), generator=gen).loss.backward()
     del model, batch
 
 
@@ -175,11 +178,11 @@ def worker(spec: dict[str, Any]) -> None:
             mixed_precision="bf16",
             use_came=settings.get("use_came", False),
         )
-        _warm_up(spec, acc.device)
+        warm_up(spec, acc.device)
         if gpu:
             torch.cuda.reset_peak_memory_stats()
-        base = _rss()
-        reset = _reset_peak()
+        base = rss_bytes()
+        reset = reset_peak()
         torch.manual_seed(0)
         model = CogVideoXTransformer3DModel.from_config(spec["transformer"])
         if cfg.lora:
@@ -204,10 +207,10 @@ def worker(spec: dict[str, Any]) -> None:
         )
         distributed.configure_deepspeed(acc, max_grad_norm=0.05, use_came=cfg.use_came)
         model, optimizer, scheduler = distributed.prepare(acc, model, optimizer, scheduler)
-        noise = _noise_scheduler()
+        noise = noise_scheduler()
         gen = torch.Generator().manual_seed(acc.process_index)
         for _ in range(spec["steps"]):
-            batch = _batch(spec["transformer"], spec["latents"], gen, acc.device)
+            batch = random_batch(spec["transformer"], spec["latents"], gen, acc.device)
             with acc.autocast():
                 loss = compute_loss(model, batch, noise, generator=gen).loss
             acc.backward(loss)
@@ -220,7 +223,7 @@ def worker(spec: dict[str, Any]) -> None:
         result = {
             "rank": acc.process_index,
             "trained": trained,
-            "peak_bytes": (torch.cuda.max_memory_allocated() if gpu else _peak_rss() - base),
+            "peak_bytes": (torch.cuda.max_memory_allocated() if gpu else peak_rss() - base),
             "hwm_reset": reset,
         }
         print("MEMORY-RESULT " + json.dumps(result), flush=True)
@@ -240,9 +243,10 @@ def _env(threads: int) -> dict[str, str]:
 
 def measure(spec: dict[str, Any], ds_config: str | None, nproc: int, threads: int) -> list[dict]:
     """Run one configuration in fresh processes; one result per rank."""
-    me = [str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    # Run as the module `bench.memory` (the ROOT that _env puts on PYTHONPATH holds `bench`).
+    me = ["bench.memory", "--worker", json.dumps(spec)]
     if ds_config is None:
-        cmd = [sys.executable, *me]
+        cmd = [sys.executable, "-m", *me]
     else:
         import socket
 
@@ -253,7 +257,7 @@ def measure(spec: dict[str, Any], ds_config: str | None, nproc: int, threads: in
         cmd = [accelerate, "launch", "--num_processes", str(nproc), "--num_machines", "1"]
         cmd += ["--main_process_port", str(port), "--dynamo_backend", "no", "--use_deepspeed"]
         cmd += ["--deepspeed_config_file", str(CONFIG_DIR / ds_config), "--mixed_precision", "bf16"]
-        cmd += me
+        cmd += ["--module", *me]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads), timeout=1800)
     results = [
         json.loads(line.split(" ", 1)[1])
@@ -266,7 +270,7 @@ def measure(spec: dict[str, Any], ds_config: str | None, nproc: int, threads: in
 
 
 def _tiny_transformer_config() -> dict[str, Any]:
-    from cogfun.common.tiny import write_tiny_model
+    from cogfun.testing.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tiny_model(Path(tmp) / "tiny", variant="2b-inp", seed=0)
@@ -274,7 +278,6 @@ def _tiny_transformer_config() -> dict[str, Any]:
 
 
 def cpu_run(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT))
     from bench.models import proportional_transformer_config
 
     if args.quick:

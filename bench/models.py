@@ -12,7 +12,7 @@ the per-sample forward costs VAE (one encode) : T5 : transformer stay near the r
     T5           d_model 256, d_kv 64, 4 heads, d_ff 640 gated-gelu, 24 layers      (~18.2 M)
 
 `write_proportional_model(out)` writes it as a full model folder in the diffusers layout, exactly
-like `cogfun.common.tiny.write_tiny_model` (same tokenizer, scheduler JSON and model_index), so
+like `cogfun.testing.tiny.write_tiny_model` (same tokenizer, scheduler JSON and model_index), so
 precompute and training load it through the same code as a real checkpoint. The config builders
 need only torch + diffusers (+ transformers for T5), so `bench/gpu.py` and `bench/flops.py` use them
 on machines without the rest of cogfun's dependencies.
@@ -127,9 +127,9 @@ def write_proportional_model(out_dir: str | Path, seed: int = 0) -> Path:
     Same layout, tokenizer, scheduler and seeding scheme as the tiny model; existing part folders
     under `out_dir` are replaced.
     """
-    # tiny.py's private helpers are reused on purpose: one tokenizer/scheduler/seeding scheme for
-    # every generated model folder.
-    from cogfun.common import tiny
+    # tiny.py's folder helpers, reused: one tokenizer/scheduler/seeding scheme for every generated
+    # model folder.
+    from cogfun.testing import tiny
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,30 +137,28 @@ def write_proportional_model(out_dir: str | Path, seed: int = 0) -> Path:
         if (out / part).exists():
             shutil.rmtree(out / part)
 
-    vocab_size = tiny._write_tokenizer(out / "tokenizer")
-    with tiny._seeded(seed, "text_encoder"):
+    vocab_size = tiny.write_tokenizer(out / "tokenizer")
+    with tiny.seeded(seed, "text_encoder"):
         from transformers import T5EncoderModel
 
         encoder = T5EncoderModel(t5_config(vocab_size, **PROPORTIONAL_T5)).eval()
     encoder.save_pretrained(str(out / "text_encoder"))
-    tiny._normalize_json(out / "text_encoder" / "config.json")
+    tiny.normalize_json(out / "text_encoder" / "config.json")
 
-    with tiny._seeded(seed, "transformer"):
+    with tiny.seeded(seed, "transformer"):
         transformer = build_transformer(proportional_transformer_config())
     transformer.save_pretrained(str(out / "transformer"))
     config_path = out / "transformer" / "config.json"
     config = json.loads(config_path.read_text())
     config["add_noise_in_inpaint_model"] = False  # as real Fun V1.1 checkpoints carry it
-    tiny._write_json(config_path, config)
+    tiny.write_json(config_path, config)
 
-    with tiny._seeded(seed, "vae"):
+    with tiny.seeded(seed, "vae"):
         vae = build_vae(proportional_vae_config())
     vae.save_pretrained(str(out / "vae"))
-    tiny._normalize_json(out / "vae" / "config.json")
+    tiny.normalize_json(out / "vae" / "config.json")
 
-    spec = tiny._VARIANTS["2b-inp"]
-    tiny._write_json(out / "scheduler" / "scheduler_config.json", tiny._scheduler_config(spec))
-    tiny._write_json(out / "model_index.json", tiny._MODEL_INDEX)
+    tiny.write_pipeline_files(out, "2b-inp")
     return out
 
 

@@ -1,7 +1,7 @@
 """Planning time and memory against metadata size: 10k, 100k and 1M rows.
 
-    python bench/plan_scale.py              # 10k / 100k / 1M rows, about a minute on 2 cores
-    python bench/plan_scale.py --quick      # 1k / 10k rows, seconds (what the tests run)
+    python -m bench.plan_scale              # 10k / 100k / 1M rows, about a minute on 2 cores
+    python -m bench.plan_scale --quick      # 1k / 10k rows, seconds (what the tests run)
 
 Each size is a synthetic JSONL metadata file (half images carrying `width`/`height`, so no file is
 opened; half videos, whose header probes are given as the cached results a resumed run gathers),
@@ -55,9 +55,9 @@ def _rss_mb() -> float:
 
 def child(meta: Path) -> dict[str, float]:
     """The planning steps in this (fresh) process; returns their times and peak RSS."""
+    from cogfun.common.decode import MediaInfo
     from cogfun.common.store.schema import plan_digest
     from cogfun.precompute.config import PrecomputeConfig
-    from cogfun.precompute.decode import MediaInfo
     from cogfun.precompute.metadata import read_metadata
     from cogfun.precompute.plan import build_plan, probe_key, probe_rows
 
@@ -101,7 +101,7 @@ def child(meta: Path) -> dict[str, float]:
 
 def measure(meta: Path) -> dict[str, float]:
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", str(meta)],
+        [sys.executable, "-m", "bench.plan_scale", "--child", str(meta)],
         capture_output=True,
         text=True,
         check=False,

@@ -1,7 +1,7 @@
 """Precompute throughput: samples/s, where the time goes, and how much the stages overlap.
 
-    python bench/precompute.py                    # proportional model (docs/performance.md), ~2 min
-    python bench/precompute.py --model tiny --videos 16 --masks 4 --threads 2 --workers 2
+    python -m bench.precompute                    # proportional model (docs/performance.md), ~2 min
+    python -m bench.precompute --model tiny --videos 16 --masks 4 --threads 2 --workers 2
 
 It builds its own model and media in a temporary folder, then encodes the same dataset twice:
 
@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 import torch
-from cogfun.common.media import write_image, write_video
 from cogfun.common.progress import setup_logging
 from cogfun.common.store import open_store
-from cogfun.common.tiny import write_tiny_model
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run_precompute
+from cogfun.testing.media import write_image, write_video
+from cogfun.testing.tiny import write_tiny_model
 
 SCALING_2B = 1.15258426
 

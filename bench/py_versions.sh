@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # cogfun on other Pythons: a fresh venv per interpreter, installed from requirements/lock.txt as the
-# README says, then byte-compile, import every module, `cogfun doctor` and the fast tests.
+# README says, then byte-compile, import every module (the bench package's too, as
+# `python -m bench.NAME` from the checkout imports it), `cogfun doctor` and the fast tests.
 #
 #     bash bench/py_versions.sh [PYTHON ...]    # default: pyenv's 3.12 and 3.10
 #
@@ -26,8 +27,8 @@ for py in "${pythons[@]}"; do
     rm -rf "$src" && mkdir -p "$src"
     # The working tree as git sees it (tracked and new files, nothing ignored).
     git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$src" 2>/dev/null
-    "$py" -m compileall -q "$src/common" "$src/precompute" "$src/train" "$src/config" \
-        "$src/bench" "$src/tests" >"$WORK/compile-$v.log" 2>&1
+    "$py" -m compileall -q "$src/common" "$src/precompute" "$src/train" "$src/app" \
+        "$src/testing" "$src/config" "$src/bench" "$src/tests" >"$WORK/compile-$v.log" 2>&1
     compiled=$([ $? -eq 0 ] && echo ok || echo "FAILED (see $WORK/compile-$v.log)")
     echo "byte-compile: $compiled"
     venv="$WORK/venv-$v"
@@ -46,10 +47,10 @@ for py in "${pythons[@]}"; do
     "$venv/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|diffusers|transformers|zarr|deepspeed|decord|av) "
     (cd "$src" && "$venv/bin/python" - <<'EOF'
 import importlib, pkgutil, sys
-import cogfun.common, cogfun.precompute, cogfun.train
+import bench, cogfun.app, cogfun.common, cogfun.precompute, cogfun.testing, cogfun.train
 bad = []
 n = 0
-for pkg in (cogfun.common, cogfun.precompute, cogfun.train):
+for pkg in (cogfun.common, cogfun.precompute, cogfun.train, cogfun.app, cogfun.testing, bench):
     for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
         n += 1
         try:

@@ -1,10 +1,11 @@
 """Every benchmark, one `name: value` line per figure, then docs/performance.md and its plots.
 
-    python bench/run_all.py                  # every figure, about 10 minutes on 2 CPU cores
-    python bench/run_all.py --full           # larger runs, more rounds, the precompute knob sweep
-    python bench/run_all.py --quick --docs D # smallest sizes (smoke test), report written into D
+    python -m bench.run_all                  # every figure, about 10 minutes on 2 CPU cores
+    python -m bench.run_all --full           # larger runs, more rounds, the precompute knob sweep
+    python -m bench.run_all --quick --docs D # smallest sizes (smoke test), report written into D
 
-Each benchmark runs as its own subprocess (`bench/<name>.py`), one after another, so one's
+Run from the repository root (`bench` is a package there, not an installed one). Each benchmark
+runs as its own subprocess (`python -m bench.<name>`), one after another, so one's
 memory, threads and worker processes never touch another's; run_all parses the `name: value`
 lines each prints (docs/performance.md defines the figures). Each subprocess's full output is
 kept under `--workdir` (logs/<name>.out and .err). A benchmark that fails or times out is
@@ -25,18 +26,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):  # run as `python bench/run_all.py`: make `bench.*` importable
-    sys.path.insert(0, str(ROOT))
+from bench.perf_report import FIGURES, write_report
 
-from bench.perf_report import FIGURES, write_report  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
 class Bench:
-    """One sub-benchmark: its script, the arguments of each mode, and its time limit."""
+    """One sub-benchmark: its module (`bench.<name>`), the arguments of each mode, its time limit."""
 
-    script: str
+    name: str
     args: dict[str, list[str]]  # mode ("quick", "default", "full") -> arguments
     timeout_s: dict[str, int] = field(default_factory=lambda: {"quick": 300, "default": 600})
     needs_cuda: bool = False
@@ -52,9 +51,9 @@ def benches(threads: int) -> list[Bench]:
     quick_train += ["--wait-steps", "2", "--wait-warmup", "2", "--wait-rounds", "1"]
     tiny_pre = ["--model", "tiny", "--frames", "5", "--size", "32", "--source", "48x64"]
     return [
-        Bench("flops.py", {"quick": [], "default": [], "full": []}),
+        Bench("flops", {"quick": [], "default": [], "full": []}),
         Bench(
-            "loader.py",
+            "loader",
             {
                 "quick": ["--videos", "4", "--images", "4", "--large", "300", "--repeats", "1"]
                 + ["--real-samples", "4"],
@@ -63,7 +62,7 @@ def benches(threads: int) -> list[Bench]:
             },
         ),
         Bench(
-            "train.py",
+            "train",
             {
                 "quick": quick_train + t,
                 "default": t,
@@ -72,7 +71,7 @@ def benches(threads: int) -> list[Bench]:
             {"quick": 300, "default": 900, "full": 1800},
         ),
         Bench(
-            "precompute.py",
+            "precompute",
             {
                 "quick": tiny_pre + ["--videos", "1", "--images", "1"],
                 "default": [],
@@ -80,7 +79,7 @@ def benches(threads: int) -> list[Bench]:
             },
         ),
         Bench(
-            "knobs.py",
+            "knobs",
             {
                 "quick": tiny_pre + ["--videos", "1", "--rounds", "1"],
                 "default": ["--rounds", "1"],
@@ -89,14 +88,14 @@ def benches(threads: int) -> list[Bench]:
             {"quick": 300, "default": 600, "full": 1800},
         ),
         Bench(
-            "scale.py",
+            "scale",
             {
                 "quick": ["--sizes", "1,2,3", "--frames", "5", "--size", "32"],
                 "default": [],
                 "full": ["--sizes", "32,64,128"],
             },
         ),
-        Bench("gpu.py", {"quick": [], "default": [], "full": []}, needs_cuda=True),
+        Bench("gpu", {"quick": [], "default": [], "full": []}, needs_cuda=True),
     ]
 
 
@@ -122,10 +121,10 @@ def number(text: str | None) -> float | None:
 
 def run_bench(bench: Bench, mode: str, logs: Path) -> tuple[dict[str, str], str]:
     """Run one benchmark subprocess; (figures, status) where status is 'ok' or why not."""
-    cmd = [sys.executable, str(ROOT / "bench" / bench.script), *bench.args[mode]]
+    cmd = [sys.executable, "-m", f"bench.{bench.name}", *bench.args[mode]]
     timeout = bench.timeout_s.get(mode, bench.timeout_s["default"])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    name = bench.script.removesuffix(".py")
+    name = bench.name
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -156,14 +155,14 @@ def collect(mode: str, logs: Path, threads: int, cuda: bool) -> tuple[dict[str, 
     figures: dict[str, str] = {}
     statuses: dict[str, str] = {}
     for bench in benches(threads):
-        name = bench.script.removesuffix(".py")
+        name = bench.name
         if bench.needs_cuda and not cuda:
             statuses[name] = "skipped (no CUDA device)"
             continue
-        print(f"# running bench/{bench.script} {' '.join(bench.args[mode])}", flush=True)
+        print(f"# running python -m bench.{name} {' '.join(bench.args[mode])}", flush=True)
         got, statuses[name] = run_bench(bench, mode, logs)
         if statuses[name] != "ok":
-            print(f"# bench/{bench.script}: {statuses[name]} (see {logs / name}.err)", flush=True)
+            print(f"# bench.{name}: {statuses[name]} (see {logs / name}.err)", flush=True)
         for key, value in got.items():
             figures.setdefault(key, value)  # the first benchmark to print a name owns it
     return figures, statuses
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total_s: {total:.0f}")
     context = {
         "mode": run_mode,
-        "command": " ".join(["python", "bench/run_all.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m bench.run_all", *(argv or sys.argv[1:])]),
         "cores": len(os.sched_getaffinity(0)),
         "threads": args.threads,
         "cuda": torch.cuda.get_device_name(0) if cuda else "none",

@@ -1,7 +1,7 @@
 """Precompute time against dataset size, and what a stored sample costs on disk.
 
-    python bench/scale.py                     # tiny model, 12 / 24 / 48 clips, ~1 min
-    python bench/scale.py --sizes 2,4,8 --frames 5 --size 32      # seconds (what the tests run)
+    python -m bench.scale                     # tiny model, 12 / 24 / 48 clips, ~1 min
+    python -m bench.scale --sizes 2,4,8 --frames 5 --size 32      # seconds (what the tests run)
 
 Three datasets of the same kind of clip (each the first n of one generated set, captions cycling
 over 4 texts, so captions repeat) are precomputed with cogfun's defaults (decode workers, 4 mask
@@ -33,15 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as `python bench/scale.py`: make `bench.*` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 CAPTIONS = ["a red ball rolling", "a dog on the beach", "a boat on a lake", "a bird over a city"]
 
 
 def write_clips(root: Path, n: int, frames: int, side: int) -> Path:
     """n clips (one `frames`-frame stride-3 clip each) with captions cycling over CAPTIONS."""
-    from cogfun.common.media import write_video
+    from cogfun.testing.media import write_video
 
     rows = []
     for i in range(n):
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = sorted(int(v) for v in args.sizes.split(","))
     from cogfun.common.progress import setup_logging
-    from cogfun.common.tiny import write_tiny_model
+    from cogfun.testing.tiny import write_tiny_model
 
     setup_logging()
     work = Path(tempfile.mkdtemp(prefix="cogfun-bench-scale-"))

@@ -1,8 +1,8 @@
 """Training step on the store versus the original's online way, side by side in one run.
 
-    python bench/train.py                    # proportional benchmark model (bench/models.py)
-    python bench/train.py --tiny             # the tiny model instead
-    python bench/train.py --workdir W        # keep models, clips and stores in W (reused on rerun)
+    python -m bench.train                    # proportional benchmark model (bench/models.py)
+    python -m bench.train --tiny             # the tiny model instead
+    python -m bench.train --workdir W        # keep models, clips and stores in W (reused on rerun)
 
 Both ways train the same transformer on the same generated clips with the same step (bf16 autocast,
 gradient checkpointing, AdamW, clipping at 0.05) and the same thread count:
@@ -58,9 +58,6 @@ import threading
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/train.py`: make `bench.*` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from bench.train_setup import STRIDE, Setup, build_setup
@@ -106,7 +103,7 @@ class Child:
             k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(setup).items()
         }
         command = [
-            sys.executable, str(Path(__file__).resolve()), "--child", way,
+            sys.executable, "-m", "bench.train", "--child", way,
             "--setup", json.dumps(payload), "--threads", str(threads or args.threads),
             "--workers", str(args.workers), "--seed", str(args.seed), "--backend", backend,
         ]  # fmt: skip

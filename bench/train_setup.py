@@ -35,7 +35,7 @@ def write_model(folder: Path, tiny: bool) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     if tiny:
-        from cogfun.common.tiny import write_tiny_model
+        from cogfun.testing.tiny import write_tiny_model
 
         return write_tiny_model(folder, variant="2b-inp", seed=0)
     from bench.models import write_proportional_model
@@ -45,7 +45,7 @@ def write_model(folder: Path, tiny: bool) -> Path:
 
 def write_clips(root: Path, n: int, frames: int, side: int) -> Path:
     """n square clips with enough frames for one `frames`-frame clip at stride 3, + metadata.json."""
-    from cogfun.common.media import write_video
+    from cogfun.testing.media import write_video
 
     meta = root / "metadata.json"
     rows = [

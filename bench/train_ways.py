@@ -55,7 +55,7 @@ class OnlineBatches:
 
     def __init__(self, setup: Setup, seed: int):
         from cogfun.common import models
-        from cogfun.precompute.decode import probe
+        from cogfun.common.decode import probe
 
         self.setup = setup
         self.vae = models.load_vae(setup.model, torch.bfloat16)
@@ -79,9 +79,9 @@ class OnlineBatches:
 
     def __call__(self, generator: torch.Generator) -> tuple[dict, dict]:
         from cogfun.common.buckets import resize_cover_crop
+        from cogfun.common.decode import clip_indices, read_video_frames
         from cogfun.common.masks import mask_to_latent, masked_video, random_mask
         from cogfun.common.models import encode_prompts
-        from cogfun.precompute.decode import clip_indices, read_video_frames
         from cogfun.train.loss import build_inpaint_latents
 
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Data wait inside `cogfun train` itself, reader threads versus worker processes.
 
-    python bench/trainer_wait.py                 # tiny model, 8 workers, batch 1, 150 steps
-    python bench/trainer_wait.py --workdir W     # keep the model and store in W (reused)
+    python -m bench.trainer_wait                 # tiny model, 8 workers, batch 1, 150 steps
+    python -m bench.trainer_wait --workdir W     # keep the model and store in W (reused)
 
 `bench/train.py` measures the loader through its own training harness; this runs the real
 command (`cogfun train --dataloader-backend threads|processes`) on the tiny model's store, once
@@ -22,9 +22,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python bench/trainer_wait.py`: make `bench.*` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.train_setup import build_setup
 

@@ -1,8 +1,8 @@
 """Peak memory and time of one validation round of `cogfun train`, against a training step.
 
-    python bench/validation.py            # proportional model (bench/models.py) on CPU
-    python bench/validation.py --quick    # the tiny model on a tiny clip (what tests/test_bench.py runs)
-    python bench/validation.py --gpu      # real 2b transformer and VAE dimensions on one CUDA GPU
+    python -m bench.validation            # proportional model (bench/models.py) on CPU
+    python -m bench.validation --quick    # the tiny model on a tiny clip (what tests/test_bench.py runs)
+    python -m bench.validation --gpu      # real 2b transformer and VAE dimensions on one CUDA GPU
 
 Two fresh processes:
 
@@ -48,25 +48,23 @@ GB = 1024**3
 
 def _peaks(gpu: bool):
     """(reset, read) of the peak meter: VmHWM above `base`, or CUDA's max allocated."""
-    sys.path.insert(0, str(ROOT))
-    from bench.memory import _peak_rss, _reset_peak
+    from bench.memory import peak_rss, reset_peak
 
     if gpu:
         import torch
 
         return torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated
-    return _reset_peak, _peak_rss
+    return reset_peak, peak_rss
 
 
 def _current(gpu: bool) -> int:
-    sys.path.insert(0, str(ROOT))
-    from bench.memory import _rss
+    from bench.memory import rss_bytes
 
     if gpu:
         import torch
 
         return torch.cuda.memory_allocated()
-    return _rss()
+    return rss_bytes()
 
 
 def _sync(gpu: bool) -> None:
@@ -99,8 +97,7 @@ def train_worker(spec: dict[str, Any]) -> None:
     from cogfun.train.validation import Validation, run_validation
     from diffusers import CogVideoXTransformer3DModel
 
-    sys.path.insert(0, str(ROOT))
-    from bench.memory import _batch, _noise_scheduler, _warm_up
+    from bench.memory import noise_scheduler, random_batch, warm_up
 
     gpu, model_dir = spec["gpu"], Path(spec["model"])
     reset, read = _peaks(gpu)
@@ -113,7 +110,7 @@ def train_worker(spec: dict[str, Any]) -> None:
             report_to="none",
         )
         tcfg = json.loads((model_dir / "transformer" / "config.json").read_text())
-        _warm_up({"transformer": tcfg, "latents": spec["latents"]}, acc.device)
+        warm_up({"transformer": tcfg, "latents": spec["latents"]}, acc.device)
         loaded = si.load_prompt_embeds(_prompts_file(Path(out), tcfg, spec["prompts"]))
 
         def validation(size: si.SampleSize, steps: int, folder: str) -> Validation:
@@ -154,12 +151,12 @@ def train_worker(spec: dict[str, Any]) -> None:
             cpu_offload=False,
         )
         model, optimizer = acc.prepare(model, optimizer)
-        noise = _noise_scheduler()
+        noise = noise_scheduler()
         gen = torch.Generator().manual_seed(0)
         times = []
         for _ in range(spec["steps"]):
             start = time.perf_counter()
-            batch = _batch(tcfg, spec["latents"], gen, acc.device)
+            batch = random_batch(tcfg, spec["latents"], gen, acc.device)
             with acc.autocast():
                 loss = compute_loss(model, batch, noise, generator=gen).loss
             acc.backward(loss)
@@ -223,7 +220,7 @@ def _run_worker(kind: str, spec: dict[str, Any], threads: int) -> dict[str, Any]
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), f"--{kind}-worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "bench.validation", f"--{kind}-worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("VALIDATION-RESULT ")]
     if proc.returncode != 0 or len(lines) != 1:
@@ -234,9 +231,8 @@ def _run_worker(kind: str, spec: dict[str, Any], threads: int) -> dict[str, Any]
 def _model_folder(kind: str, root: Path) -> Path:
     """The model folder the workers load: tiny, proportional, or the proportional folder with the
     real 2b transformer config and VAE (random weights) for --gpu."""
-    sys.path.insert(0, str(ROOT))
     if kind == "tiny":
-        from cogfun.common.tiny import write_tiny_model
+        from cogfun.testing.tiny import write_tiny_model
 
         return write_tiny_model(root / "tiny", variant="2b-inp", seed=0)
     from bench.models import REAL_2B_VAE, build_vae, write_proportional_model

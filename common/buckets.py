@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cogfun.common.geometry import VAE_TEMPORAL, SampleGeometry, frames_4k1, latent_frames
 from torch import Tensor
 
 # h/w key -> (h, w) at base 512, in the original's order (the order decides ties, see nearest_ratio_key).
@@ -45,7 +46,6 @@ ASPECT_RATIO_512: dict[str, tuple[int, int]] = {
     "3.62": (928, 256), "3.75": (960, 256), "3.88": (992, 256), "4.0": (1024, 256),
 }  # fmt: skip
 
-VAE_TEMPORAL = 4  # frames per latent frame (after the first): the 4k+1 rule
 SNAP = 16  # bucket sides are multiples of 16 (VAE /8, patch 2)
 
 
@@ -174,11 +174,6 @@ def video_bucket_hw(h: float, w: float, s: int, video_size: int = 256) -> tuple[
     return bucket_hw(nearest_ratio_key(h, w), video_size, video_size / s)
 
 
-def frames_4k1(n: int) -> int:
-    """Largest 4k+1 not above ``n`` (at least 1): the VAE's frame-count rule."""
-    return max((int(n) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1, 1)
-
-
 def patch_frames(n: int, patch_size_t: int | None) -> int:
     """Frames a clip of ``n`` keeps for a transformer with temporal patch ``patch_size_t``.
 
@@ -190,8 +185,7 @@ def patch_frames(n: int, patch_size_t: int | None) -> int:
     frames = frames_4k1(n)
     if patch_size_t is None:
         return frames
-    latent = (frames - 1) // VAE_TEMPORAL + 1
-    frames -= latent % patch_size_t * VAE_TEMPORAL
+    frames -= latent_frames(frames) % patch_size_t * VAE_TEMPORAL
     return frames if frames > 0 else 1
 
 
@@ -335,7 +329,5 @@ def resize_cover_crop(frames_uint8: Tensor | np.ndarray, H: int, W: int) -> Tens
 
 
 def latent_shape(frames: int, h: int, w: int) -> tuple[int, int, int]:
-    """(F_lat, h/8, w/8) of a 4k+1-frame clip under the CogVideoX VAE."""
-    if frames != frames_4k1(frames):
-        raise ValueError(f"latent_shape: {frames} frames is not 4k+1")
-    return (frames - 1) // VAE_TEMPORAL + 1, h // 8, w // 8
+    """(F_lat, h/8, w/8) of a 4k+1-frame clip (`SampleGeometry`'s rule; ValueError otherwise)."""
+    return SampleGeometry(frames, h, w).latent_shape

@@ -27,13 +27,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cogfun.common.geometry import VAE_SPATIAL, SampleGeometry, is_4k1
 from torch import Tensor
 
 VIDEO_MASK_PROBS: tuple[float, ...] = (0.05, 0.2, 0.2, 0.2, 0.05, 0.05, 0.05, 0.1, 0.05, 0.05)
 IMAGE_MASK_PROBS: tuple[float, ...] = (0.2, 0.8)
 
-VAE_SPATIAL = 8
-VAE_TEMPORAL = 4
 LATENT_CHANNELS = 16  # only the shape of the latent matters to resize_mask
 
 MaskFn = Callable[[int, int, int, np.random.Generator], np.ndarray]
@@ -202,13 +201,13 @@ def mask_to_latent(mask: Tensor) -> Tensor:
     The inpaint mask channel *before* the t2v flag and the VAE scaling factor (the original's
     scripts/train.py).
     """
-    frames, _, height, width = mask.shape
-    if (frames - 1) % VAE_TEMPORAL or height % VAE_SPATIAL or width % VAE_SPATIAL:
+    frames, _, height, width = (int(v) for v in mask.shape)
+    geometry = SampleGeometry.of(frames, height, width) if is_4k1(frames) else None
+    if geometry is None or not geometry.on_latent_grid:
         raise ValueError(
             f"mask_to_latent: mask of shape {tuple(mask.shape)} needs 4k+1 frames and sides "
             f"divisible by {VAE_SPATIAL}"
         )
     known = (1 - mask.float()).permute(1, 0, 2, 3)[None]  # (1, 1, F, H, W)
-    f_lat = (frames - 1) // VAE_TEMPORAL + 1
-    shape = (1, LATENT_CHANNELS, f_lat, height // VAE_SPATIAL, width // VAE_SPATIAL)
+    shape = (1, LATENT_CHANNELS, *geometry.latent_shape)
     return resize_mask(known, shape)[0].permute(1, 0, 2, 3).contiguous()  # (F_lat, 1, h, w)

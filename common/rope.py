@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from cogfun.common.geometry import VAE_SPATIAL
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch import Tensor
 
 # The original fits the grid against a fixed 480x720-pixel base (8x VAE, then patches), not against
 # the config's sample size.
 ROPE_BASE_PIXELS = (480, 720)
-VAE_SPATIAL = 8
 
 
 def cfg_value(config: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cogfun.common.geometry import VAE_TEMPORAL, frames_4k1, latent_frames
 from PIL import Image
 from torch import Tensor
 
@@ -59,15 +60,15 @@ def snap_size(
             f"--num-frames must be >= 1 and --height/--width >= {_SIZE_STEP}, got "
             f"{frames} x {height} x {width}"
         )
-    new_frames = (frames - 1) // 4 * 4 + 1
+    new_frames = frames_4k1(frames)
     p_t = transformer_config.get("patch_size_t")
     if p_t:
-        latents = (new_frames - 1) // 4 + 1
+        latents = latent_frames(new_frames)
         if latents % p_t:
-            new_frames += (p_t - latents % p_t) * 4
+            new_frames += (p_t - latents % p_t) * VAE_TEMPORAL
     if not transformer_config.get("use_rotary_positional_embeddings", False):
         cap = int(transformer_config.get("sample_frames", 49))
-        new_frames = min(new_frames, (cap - 1) // 4 * 4 + 1)
+        new_frames = min(new_frames, frames_4k1(cap))
     size = SampleSize(
         new_frames, height // _SIZE_STEP * _SIZE_STEP, width // _SIZE_STEP * _SIZE_STEP
     )
@@ -93,7 +94,7 @@ def _resize_rgb(rgb: np.ndarray, height: int, width: int, bicubic: bool) -> np.n
 
 def image_to_video(start: Path, end: Path | None, size: SampleSize) -> tuple[Tensor, Tensor]:
     """Start image repeated over all frames, frame 0 kept; with an end image the last frame is kept too."""
-    from cogfun.precompute.decode import read_image
+    from cogfun.common.decode import read_image
 
     first = _resize_rgb(read_image(start)[0], size.height, size.width, bicubic=True)
     video = torch.from_numpy(first).permute(2, 0, 1)[:, None].repeat(1, size.frames, 1, 1)
@@ -108,7 +109,7 @@ def image_to_video(start: Path, end: Path | None, size: SampleSize) -> tuple[Ten
 
 def read_input_video(path: Path, size: SampleSize) -> Tensor:
     """The first `size.frames` frames of a video, resized: (1, 3, F, H, W) in [0, 1]."""
-    from cogfun.precompute.decode import DecodeError, probe, read_video_frames
+    from cogfun.common.decode import DecodeError, probe, read_video_frames
 
     info = probe(path, "video")
     if info.frames < size.frames:
@@ -122,7 +123,7 @@ def read_input_video(path: Path, size: SampleSize) -> Tensor:
 
 def read_mask(path: Path, size: SampleSize) -> Tensor:
     """A mask video (or one image for every frame): gray >= 240 generates. (1, 1, F, H, W) in {0, 255}."""
-    from cogfun.precompute.decode import DecodeError, probe, read_image, read_video_frames
+    from cogfun.common.decode import DecodeError, probe, read_image, read_video_frames
 
     if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
         frames = np.repeat(read_image(path), size.frames, axis=0)

@@ -35,20 +35,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from cogfun.common.fun_vae import encode_mode, fun_decode
+from cogfun.common.geometry import VAE_TEMPORAL, latent_frames  # noqa: F401 (re-export)
 from cogfun.common.masks import resize_mask
 from cogfun.common.transformer import _unwrap, transformer_forward
 from torch import Tensor, nn
 
 NOISE_AUG_SIGMA = 0.0563  # the pipeline's default `noise_aug_strength`
 NOISE_AUG_SEED_OFFSET = 1_000_003
-_TIME_COMPRESSION = 4
 
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
-
-
-def latent_frames(num_frames: int) -> int:
-    """Latent frames of a (4k+1)-frame video."""
-    return (num_frames - 1) // _TIME_COMPRESSION + 1
 
 
 def initial_latents(
@@ -118,7 +113,7 @@ def inpaint_conditioning(
     if masked_latents.shape[2] != f_lat:
         raise ValueError(
             f"the video encodes to {masked_latents.shape[2]} latent frames but the latents have "
-            f"{f_lat}: give a video of {(f_lat - 1) * _TIME_COMPRESSION + 1} frames"
+            f"{f_lat}: give a video of {(f_lat - 1) * VAE_TEMPORAL + 1} frames"
         )
     mask_latent = resize_mask(1 - generate.to(vae_device), masked_latents.shape) * scale
     inpaint = torch.cat([mask_latent, masked_latents], dim=1)  # (B, 17, F_lat, h, w)
@@ -176,10 +171,10 @@ def generate(
             f"{f_lat} latent frames: this model (patch_size_t {p_t}) needs a multiple of {p_t} "
             "latent frames or a single one"
         )
-    if video is not None and video.shape[2] != (f_lat - 1) * _TIME_COMPRESSION + 1:
+    if video is not None and video.shape[2] != (f_lat - 1) * VAE_TEMPORAL + 1:
         raise ValueError(
             f"the video has {video.shape[2]} frames but the latents have {f_lat} latent frames "
-            f"(needs {(f_lat - 1) * _TIME_COMPRESSION + 1} frames)"
+            f"(needs {(f_lat - 1) * VAE_TEMPORAL + 1} frames)"
         )
     guided = guidance_scale > 1.0
     if guided and negative_prompt_embeds is None:

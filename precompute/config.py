@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogfun.common.fields import option
 from cogfun.common.modes import default_precompute_mode
-from cogfun.common.options import option
 
 DEFAULT_MODEL = "models/Diffusion_Transformer/CogVideoX-Fun-2b-InP"
 DEFAULT_STORE = "latents.zarr"
@@ -61,6 +61,11 @@ class PrecomputeConfig:
     )
     vae_mini_batch: int = option(
         1, "Samples per VAE encode call (part of the fingerprint: results depend on the batch)."
+    )
+    shard_samples: int = option(
+        384,
+        "Samples per shard file (rounded up to whole --vae-mini-batch chunks); fixed when the "
+        "store is created, not part of the fingerprint.",
     )
     tokenizer_max_length: int = option(226, "T5 token length (padded and truncated).")
     enable_bucket: bool = option(

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogfun.common.decode import DecodeError, MediaInfo
 from cogfun.precompute import plan
-from cogfun.precompute.decode import DecodeError, MediaInfo
 from cogfun.precompute.metadata import Row
 from cogfun.precompute.plan import Probe, probe_key, probe_rows
 from cogfun.precompute.ranks import Ranks

@@ -55,6 +55,7 @@ class Stats:
     vae_ms: int = 0
     t5_ms: int = 0
     write_ms: int = 0  # in the writer thread
+    sealed: int = 0  # shard files written whole (each holds many staged samples)
 
     def to_list(self) -> list[int]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -246,6 +247,11 @@ def _write(writer: StoreWriter, spec: SampleSpec, arrays: dict) -> None:
     writer.clear_failure(spec.key)  # a rerun may store what failed before (a fixed file)
 
 
+def _seal(writer: StoreWriter, bucket: str, shard: int, stats: Stats) -> None:
+    writer.seal(bucket, shard)
+    stats.sealed += 1
+
+
 def encode_chunk(
     job: Job,
     prepared: dict,
@@ -298,12 +304,14 @@ def encode_chunks(
     bar: Progress,
     write_async: bool = True,
     inpaint_noise: bool = False,
+    seal_points: dict[int, tuple[str, int]] | None = None,
 ) -> None:
-    """Consume prepared chunks (in job order) until all jobs are encoded and written."""
+    """Consume prepared chunks (in job order) until all jobs are encoded and written; after job i
+    is written, seal the shard `seal_points[i]` names (its last job here)."""
     out = AsyncWriter(stats, enabled=write_async, depth=max(4, 2 * vae_mini_batch))
     try:
         it = iter(source)
-        for job in jobs:
+        for i, job in enumerate(jobs):
             with _Timer(stats, "wait_ms"):
                 prepared = next(it)
             if prepared["index"] != job.chunk.index:
@@ -326,5 +334,7 @@ def encode_chunks(
             stats.stored += stored
             stats.failed += failed
             bar.advance(stored + failed, failed=stats.failed)
+            if seal_points and i in seal_points:
+                out.submit(_seal, writer, *seal_points[i], stats)
     finally:
         out.close()

@@ -39,12 +39,12 @@ from cogfun.common.buckets import (
     choose_image_variant,
     choose_video_variant,
     cover_resize_hw,
-    latent_shape,
     short_side_cap_hw,
 )
+from cogfun.common.decode import DecodeError, MediaInfo, clip_indices, probe
+from cogfun.common.geometry import SampleGeometry
 from cogfun.common.store import BucketPlan, RowPlan, StorePlan
 from cogfun.precompute.config import PrecomputeConfig
-from cogfun.precompute.decode import DecodeError, MediaInfo, clip_indices, probe
 from cogfun.precompute.metadata import Row
 from cogfun.precompute.seeds import many_sample_seeds
 
@@ -76,9 +76,7 @@ class SampleSpec:
     kind: str  # "video" | "image"
     indices: tuple[int, ...]  # source frames to decode (the clip's leading F)
     clip_frames: int  # frames of the drawn clip: masks are drawn at this length, then cut to F
-    frames: int  # F
-    height: int  # H
-    width: int  # W
+    geometry: SampleGeometry  # (F, H, W) and its latent grid; one shared object per size
     seed: int  # the variant seed the draws came from
     mask_seeds: tuple[int, ...]
     caption: int
@@ -208,18 +206,11 @@ def sample_seeds(seed: int, row: int, repeat: int, variant: int, k: int) -> tupl
     return variant_seed, mask_seeds
 
 
-def bucket_name(frames: int, height: int, width: int) -> str:
-    f_lat, h, w = latent_shape(frames, height, width)
-    return f"f{f_lat}_h{h}_w{w}"
-
-
 @dataclass(frozen=True)
 class _Draw:
     indices: list[int]
     clip_frames: int
-    frames: int
-    height: int
-    width: int
+    geometry: SampleGeometry
     source_hw: tuple[int, int]
 
 
@@ -236,12 +227,13 @@ def draw_sample(
     opts = opts or bucket_options(cfg, patch_size_t)
     if row.type == "image":
         height, width = choose_image_variant(info.height, info.width, opts, rng)
-        return _Draw([0], 1, 1, height, width, (info.height, info.width))
+        return _Draw([0], 1, SampleGeometry.of(1, height, width), (info.height, info.width))
     clip = clip_indices(
         info.frames, cfg.video_sample_stride, cfg.video_sample_n_frames, rng, path=row.path
     )
     height, width, frames = choose_video_variant(info.height, info.width, len(clip), opts, rng)
-    return _Draw(clip[:frames], len(clip), frames, height, width, (info.height, info.width))
+    geometry = SampleGeometry.of(frames, height, width)
+    return _Draw(clip[:frames], len(clip), geometry, (info.height, info.width))
 
 
 def provenance(spec: SampleSpec, row: Row, variant: int, draw: _Draw, cap: int) -> dict:
@@ -249,8 +241,9 @@ def provenance(spec: SampleSpec, row: Row, variant: int, draw: _Draw, cap: int) 
     h, w = draw.source_hw
     if spec.kind == "video":
         h, w = short_side_cap_hw(h, w, cap)
-    rh, rw = cover_resize_hw(h, w, spec.height, spec.width)
-    top, left = center_crop_offsets(rh, rw, spec.height, spec.width)
+    g = spec.geometry
+    rh, rw = cover_resize_hw(h, w, g.height, g.width)
+    top, left = center_crop_offsets(rh, rw, g.height, g.width)
     return {
         "key": spec.key,
         "file": spec.file,
@@ -262,7 +255,7 @@ def provenance(spec: SampleSpec, row: Row, variant: int, draw: _Draw, cap: int) 
         "frames": spec.indices,  # the spec's tuples, shared: JSON writes them as lists
         "clip_frames": spec.clip_frames,
         "resize_hw": [rh, rw],
-        "crop": [top, left, spec.height, spec.width],
+        "crop": [top, left, g.height, g.width],
         "seed": spec.seed,
         "mask_seeds": spec.mask_seeds,
     }
@@ -317,7 +310,7 @@ def build_plan(
             except DecodeError as e:
                 failures.append(Failure(key, row.file_path, str(e), row.index))
                 continue
-            bucket = bucket_name(draw.frames, draw.height, draw.width)
+            bucket = draw.geometry.bucket
             slots = per_bucket.setdefault(bucket, [])
             caption = captions.setdefault(row.text or "", len(captions))
             spec = SampleSpec(
@@ -330,9 +323,7 @@ def build_plan(
                 kind=row.type,
                 indices=tuple(draw.indices),
                 clip_frames=draw.clip_frames,
-                frames=draw.frames,
-                height=draw.height,
-                width=draw.width,
+                geometry=draw.geometry,
                 seed=seed,
                 mask_seeds=tuple(mask_seeds),
                 caption=caption,
@@ -359,10 +350,9 @@ def _assemble(
     samples: list[SampleSpec] = []
     for name in sorted(per_bucket, key=_bucket_order):
         members = [drafts[i] for i in per_bucket[name]]
-        first = members[0][0]
-        f_lat, h, w = latent_shape(first.frames, first.height, first.width)
+        g = members[0][0].geometry  # the bucket's size is its first sample's
         rows = [RowPlan(caption=spec.caption, provenance=prov) for spec, prov in members]
-        buckets.append(BucketPlan(name, first.frames, first.height, first.width, f_lat, h, w, rows))
+        buckets.append(BucketPlan(name, *g.pixels, *g.latent_shape, rows))
         specs = [spec for spec, _ in members]
         samples.extend(specs)
         for start in range(0, len(specs), max(1, mini_batch)):

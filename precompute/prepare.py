@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from cogfun.common.buckets import resize_cover_crop
+from cogfun.common.decode import DecodeError, read_image, read_video_frames
 from cogfun.common.masks import mask_to_latent, random_mask
-from cogfun.precompute.decode import DecodeError, read_image, read_video_frames
 from cogfun.precompute.plan import Chunk, SampleSpec
 from torch import Tensor
 
@@ -41,9 +41,10 @@ def read_frames(spec: SampleSpec, short_side_cap: int) -> np.ndarray:
         # Pillow's arrays are read-only; torch warns when wrapping one.
         return frames if frames.flags.writeable else frames.copy()
     frames = read_video_frames(spec.path, list(spec.indices), short_side_cap)
-    if frames.shape[0] != spec.frames:
+    if frames.shape[0] != spec.geometry.frames:
         raise DecodeError(
-            spec.path, f"decoded {frames.shape[0]} frames where the plan needs {spec.frames}"
+            spec.path,
+            f"decoded {frames.shape[0]} frames where the plan needs {spec.geometry.frames}",
         )
     return frames
 
@@ -54,9 +55,10 @@ def draw_masks(spec: SampleSpec) -> tuple[Tensor, Tensor, Tensor]:
 
     Each mask is drawn at the clip's length and then cut to the leading F frames, as the original
     draws before trimming the batch (so a type-3 mask can lose its known tail)."""
-    shape = (spec.clip_frames, 3, spec.height, spec.width)
+    g = spec.geometry
+    shape = (spec.clip_frames, 3, g.height, g.width)
     masks = torch.stack(
-        [random_mask(shape, np.random.default_rng(s))[0][: spec.frames] for s in spec.mask_seeds]
+        [random_mask(shape, np.random.default_rng(s))[0][: g.frames] for s in spec.mask_seeds]
     )  # (K, F, 1, H, W)
     latents = torch.stack([mask_to_latent(m) for m in masks])  # (K, F_lat, 1, h, w)
     all_masked = masks.flatten(1).bool().all(dim=1)  # (K,)
@@ -71,7 +73,8 @@ def prepare_sample(spec: SampleSpec, short_side_cap: int, with_masks: bool) -> d
         return {"error": str(e)}
     except Exception as e:  # a broken file can make a decoder raise anything: record, go on
         return {"error": f"{spec.path}: cannot decode: {type(e).__name__}: {e}"}
-    out: dict = {"error": None, "pixels": resize_cover_crop(frames, spec.height, spec.width)}
+    g = spec.geometry
+    out: dict = {"error": None, "pixels": resize_cover_crop(frames, g.height, g.width)}
     if with_masks:
         out["masks"], out["mask_latents"], out["all_masked"] = draw_masks(spec)
     return out

@@ -34,6 +34,11 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def place(self) -> tuple[int, int]:
+        """(rank, world): which shards of the store this process owns (`StoreWriter.owns`)."""
+        return self.rank, self.world
+
     def _tensor(self, values: list[int]) -> torch.Tensor:
         # gloo reduces CPU tensors, nccl CUDA ones: the state's device is the right one for both.
         return torch.tensor(values, dtype=torch.int64, device=self.device)

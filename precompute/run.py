@@ -46,7 +46,14 @@ from cogfun.common.model_kind import check_servable, encoded_for, read_transform
 from cogfun.common.models import ModelFolderError, check_model_folder, model_identity
 from cogfun.common.progress import format_duration, progress, setup_logging
 from cogfun.common.sample_store import encode_store_prompts, read_prompt_lines, store_prompts_todo
-from cogfun.common.store import StoreError, StoreLayout, StoreLock, StoreWriter, open_for_write
+from cogfun.common.store import (
+    StoreError,
+    StoreLayout,
+    StoreLock,
+    StoreWriter,
+    open_for_write,
+    shard_size,
+)
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.encode import TextEncoder, VaeEncoder, resolve_dtype
 from cogfun.precompute.headers import HeaderPassError, header_pass, probe_dir, prune
@@ -97,6 +104,7 @@ _MINIMUM = {
     "video_sample_n_frames": 1,
     "video_repeat": 0,
     "vae_mini_batch": 1,
+    "shard_samples": 1,
     "tokenizer_max_length": 1,
     "variants_per_sample": 1,
     "masks_per_sample": 0,
@@ -298,7 +306,13 @@ def _open_store(
             counts.cached,
         )
         writer = open_for_write(
-            cfg.out, settings=settings, attrs=attrs, plan=plan.store, layout=layout, create=True
+            cfg.out,
+            settings=settings,
+            attrs=attrs,
+            plan=plan.store,
+            layout=layout,
+            create=True,
+            shard_samples=shard_size(cfg.shard_samples, cfg.vae_mini_batch),
         )
         save_probes(cfg.out, probes)
         prune(probe_dir(cfg.out), ranks.world)
@@ -314,10 +328,13 @@ def _open_store(
 
 
 def _jobs(plan: Plan, writer: StoreWriter, ranks: Ranks) -> tuple[list[Job], int]:
-    """This process's chunks that still have a sample to write, and the samples already done."""
+    """This process's chunks (those of the shards it owns) that still have a sample to write,
+    and the samples already done."""
     done: dict[str, object] = {}
     jobs, skipped = [], 0
-    for chunk in plan.chunks_for(ranks.rank, ranks.world):
+    for chunk in plan.chunks:
+        if not writer.owns(writer.shard_of(chunk.bucket, chunk.samples[0].slot), *ranks.place):
+            continue
         if chunk.bucket not in done:
             done[chunk.bucket] = writer.done_slots(chunk.bucket)
         pending = tuple(not bool(done[chunk.bucket][s.slot]) for s in chunk.samples)
@@ -325,6 +342,22 @@ def _jobs(plan: Plan, writer: StoreWriter, ranks: Ranks) -> tuple[list[Job], int
         if any(pending):
             jobs.append(Job(chunk, pending))
     return jobs, skipped
+
+
+def _seal_points(jobs: list[Job], writer: StoreWriter) -> dict[int, tuple[str, int]]:
+    """Job index -> (bucket, local shard) to seal once that job is written: the last job of each
+    shard in this process's order, so staged samples wait on disk for one shard at most."""
+    points: dict[int, tuple[str, int]] = {}
+    for i, job in enumerate(jobs):
+        shard = job.chunk.samples[0].slot // writer.shard_rows
+        nxt = jobs[i + 1].chunk if i + 1 < len(jobs) else None
+        if (
+            nxt is None
+            or nxt.bucket != job.chunk.bucket
+            or (nxt.samples[0].slot // writer.shard_rows != shard)
+        ):
+            points[i] = (job.chunk.bucket, shard)
+    return points
 
 
 @dataclass
@@ -383,7 +416,11 @@ def _encode(ctx: _Context, write_async: bool) -> tuple[Stats, float]:
     # Workers fork here, before the models load, and start decoding at once.
     source = prepared_chunks(jobs, short_side_cap(cfg), with_masks, cfg.decode_workers, on_gpu)
     start = time.perf_counter()
-    batches = caption_batches(len(plan.store.captions))[ranks.rank :: ranks.world]
+    batches = [
+        b
+        for b in caption_batches(len(plan.store.captions))
+        if writer.owns(writer.caption_shard_of(b[0]), *ranks.place)
+    ]
     captions_todo = any(not writer.caption_done(i) for b in batches for i in b)
     sha = ctx.settings["text_encoder"]["sha256"]
     prompts = (
@@ -425,11 +462,13 @@ def _encode(ctx: _Context, write_async: bool) -> tuple[Stats, float]:
                 bar=bar,
                 write_async=write_async,
                 inpaint_noise=ctx.settings["inpaint_noise"],
+                seal_points=_seal_points(jobs, writer),
             )
+    stats.sealed += writer.seal_owned(*ranks.place)  # captions, and shards a resume found staged
     elapsed = time.perf_counter() - start
     log.info(
         "process %d of %d: stored %d samples in %d chunks, %d failed, %d already done; "
-        "%d captions, %d shared latents; threads %d; %s",
+        "%d captions, %d shared latents; %d shard files sealed; threads %d; %s",
         ranks.rank,
         ranks.world,
         stats.stored,
@@ -438,6 +477,7 @@ def _encode(ctx: _Context, write_async: bool) -> tuple[Stats, float]:
         stats.skipped,
         stats.captions,
         stats.shared,
+        stats.sealed,
         ctx.threads,
         stats.time_split(),
     )

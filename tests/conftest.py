@@ -25,7 +25,7 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny 2b-inp model folder shared by the whole session (read-only for tests)."""
-    from cogfun.common.tiny import write_tiny_model
+    from cogfun.testing.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", variant="2b-inp", seed=0)
 

@@ -15,11 +15,11 @@ import av
 import numpy as np
 import pytest
 import torch
-from cogfun.common.media import make_sample_dataset, write_image, write_video
 from cogfun.common.store import open_store
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
-from fault_support import OPTS
+from cogfun.testing.media import make_sample_dataset, write_image, write_video
+from cogfun.testing.runs import OPTS
 
 CORPUS_OPTS = {**OPTS, "variants_per_sample": 1, "masks_per_sample": 1}
 
@@ -322,7 +322,7 @@ def test_a_malformed_metadata_file_aborts_naming_the_line(case, tmp_path, tiny_m
 
 def test_failures_round_trip_through_inspect_json(corpus):
     """Reasons (with escaped non-UTF-8 names) survive `cogfun inspect --json`."""
-    from fault_support import inspect_json
+    from cogfun.testing.runs import inspect_json
 
     _, reader, _, rows, _, failed = corpus
     code, data, _ = inspect_json(reader.path)

@@ -1,4 +1,4 @@
-"""The benchmark scripts: proportional model, FLOP ratios, bench/gpu.py --reduced, bench/train.py."""
+"""The benchmarks (`python -m bench.NAME`): proportional model, FLOP ratios, gpu --reduced, train."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # `bench` is a folder of scripts, not an installed package
+from bench import flops, models
 
-from bench import flops, models  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _figures(stdout: str) -> dict[str, str]:
@@ -27,15 +26,16 @@ def _figures(stdout: str) -> dict[str, str]:
     return out
 
 
-def _run(script: str, *args: str, timeout: int) -> dict[str, str]:
+def _run(module: str, *args: str, timeout: int) -> dict[str, str]:
+    """`python -m bench.MODULE ARGS` from the repository root; its figures."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), *args],
+        [sys.executable, "-m", f"bench.{module}", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
     )
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"bench.{module} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return _figures(proc.stdout)
 
 
@@ -99,7 +99,7 @@ def test_folder_costs_read_a_model_folder(tiny_model_dir):
 @pytest.mark.slow
 def test_gpu_reduced_prints_sane_figures():
     fig = _run(
-        "gpu.py", "--reduced", "--peak-tflops", "2", "--steps", "2", "--encodes", "1",
+        "gpu", "--reduced", "--peak-tflops", "2", "--steps", "2", "--encodes", "1",
         "--warmup", "1", timeout=300,
     )  # fmt: skip
     assert fig["device"] == "cpu"
@@ -127,13 +127,15 @@ def test_gpu_refuses_an_unknown_vae_variant():
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "bench" / "gpu.py"),
+            "-m",
+            "bench.gpu",
             "--reduced",
             "--vae-variants",
             "eager,fast",
         ],
         capture_output=True,
         text=True,
+        cwd=ROOT,
         timeout=120,
     )
     assert proc.returncode == 2 and "--vae-variants: unknown fast" in proc.stderr
@@ -164,7 +166,7 @@ TRAIN_FIGURES = [
 @pytest.mark.slow
 def test_train_bench_reduced_prints_every_figure(tmp_path):
     fig = _run(
-        "train.py", "--tiny", "--workdir", str(tmp_path), "--size", "32", "--frames", "9",
+        "train", "--tiny", "--workdir", str(tmp_path), "--size", "32", "--frames", "9",
         "--clips", "2", "--epoch-samples", "8", "--rounds", "2", "--steps", "1", "--warmup", "1",
         "--wait-size", "32", "--wait-warmup", "2", "--wait-steps", "3", "--wait-rounds", "1",
         "--workers", "2", "--threads", "1", timeout=600,
@@ -219,7 +221,7 @@ def test_write_proportional_model_loads_through_cogfun(tmp_path):
 @pytest.mark.slow
 def test_trainer_wait_bench_runs_cogfun_train_on_both_backends(tmp_path):
     fig = _run(
-        "trainer_wait.py", "--workdir", str(tmp_path), "--steps", "6", "--skip", "2",
+        "trainer_wait", "--workdir", str(tmp_path), "--steps", "6", "--skip", "2",
         "--workers", "2", "--threads", "1", timeout=600,
     )  # fmt: skip
     for backend in ("threads", "processes"):
@@ -231,7 +233,7 @@ def test_trainer_wait_bench_runs_cogfun_train_on_both_backends(tmp_path):
 
 @pytest.mark.slow
 def test_memory_bench_quick_prints_every_configuration():
-    fig = _run("memory.py", "--quick", "--threads", "1", timeout=600)
+    fig = _run("memory", "--quick", "--threads", "1", timeout=600)
     assert fig["model"] == "tiny" and fig["clip"] == "5x64x64" and fig["lora_rank"] == "4"
     names = ("full_adamw", "full_came", "lora", "adamw_8bit")
     peaks = {n: float(fig[f"{n}_peak_mb"]) for n in names}
@@ -250,9 +252,10 @@ def test_memory_bench_quick_prints_every_configuration():
 
 def test_memory_bench_refuses_an_unknown_configuration():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "memory.py"), "--configs", "full_adamw,zero4"],
+        [sys.executable, "-m", "bench.memory", "--configs", "full_adamw,zero4"],
         capture_output=True,
         text=True,
+        cwd=ROOT,
         timeout=60,
     )
     assert proc.returncode == 2 and "--configs: unknown zero4 (known: full_adamw," in proc.stderr
@@ -260,7 +263,7 @@ def test_memory_bench_refuses_an_unknown_configuration():
 
 @pytest.mark.slow
 def test_validation_bench_quick_prints_every_figure():
-    fig = _run("validation.py", "--quick", "--threads", "1", timeout=600)
+    fig = _run("validation", "--quick", "--threads", "1", timeout=600)
     assert fig["model"] == "tiny" and fig["clip"] == "5x64x64"
     assert (fig["validation_videos"], fig["validation_failed"]) == ("1", "0")
     train, held = float(fig["train_peak_mb"]), float(fig["train_held_mb"])
@@ -278,9 +281,10 @@ def test_validation_bench_quick_prints_every_figure():
 
 def test_validation_bench_refuses_a_bad_clip():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "validation.py"), "--quick", "--frames", "6"],
+        [sys.executable, "-m", "bench.validation", "--quick", "--frames", "6"],
         capture_output=True,
         text=True,
+        cwd=ROOT,
         timeout=60,
     )
     assert proc.returncode == 1
@@ -288,7 +292,7 @@ def test_validation_bench_refuses_a_bad_clip():
 
 
 def test_plan_scale_bench_quick_prints_its_figures():
-    fig = _run("plan_scale.py", "--quick", timeout=300)
+    fig = _run("plan_scale", "--quick", timeout=300)
     for label, n in (("1k", 1000), ("10k", 10000)):
         assert int(fig[f"plan_rows_{label}"]) == n
         # Half the rows are videos with 2 variants each: 1.5 samples a row, none failed.

@@ -1,4 +1,4 @@
-"""bench/run_all.py: figure parsing, the report (table, markers, plots) and a whole --quick run."""
+"""`python -m bench.run_all`: figure parsing, the report (table, markers, plots) and a whole --quick run."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # `bench` is a folder of scripts, not an installed package
+from bench import perf_report, run_all
 
-from bench import perf_report, run_all  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # Every figure docs/performance.md defines for run_all to print (precompute_s_<n> for 3 sizes), and
 # the real-scale loader figure.
@@ -87,7 +86,7 @@ def test_report_keeps_notes_outside_markers_and_checks_goals(tmp_path):
     }
     lines = run_all.headline(figures, threads=2)
     context = {
-        "command": "python bench/run_all.py --quick",
+        "command": "python -m bench.run_all --quick",
         "mode": "quick",
         "cores": 2,
         "threads": 2,
@@ -124,7 +123,7 @@ def test_quick_run_prints_every_figure_and_writes_the_report(tmp_path):
     repo_doc = ROOT / "docs" / "performance.md"
     before = repo_doc.stat().st_mtime_ns if repo_doc.exists() else None
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick"]
+        [sys.executable, "-m", "bench.run_all", "--quick"]
         + ["--docs", str(tmp_path / "docs"), "--workdir", str(tmp_path / "work")],
         capture_output=True,
         text=True,
@@ -140,7 +139,7 @@ def test_quick_run_prints_every_figure_and_writes_the_report(tmp_path):
     assert len(sizes) == 3, sizes
     assert float(figures["threads"]) >= 1 and 0 < float(figures["data_wait_fraction"]) < 1
     text = (tmp_path / "docs" / "performance.md").read_text()
-    assert "| `loader_vs_raw_read` |" in text and "python bench/run_all.py --quick" in text
+    assert "| `loader_vs_raw_read` |" in text and "python -m bench.run_all --quick" in text
     assert (tmp_path / "docs" / "perf_train_step.png").stat().st_size > 1000
     assert (tmp_path / "work" / "logs" / "loader.out").read_text().count("loader_vs_raw_read") == 1
     after = repo_doc.stat().st_mtime_ns if repo_doc.exists() else None

@@ -286,14 +286,15 @@ def test_dataset_never_carries_an_open_store(small_store):
 
 
 def _damage(store_path, bucket, slot, tmp_path):
-    """A copy of the store with one sample's latents chunk deleted (zarr then reads fill zeros)."""
+    """A copy of the store with one sample's latents chunk dropped from its shard (zarr then
+    reads fill zeros)."""
     import shutil
+
+    from cogfun.testing.store_files import drop_chunk
 
     copy = tmp_path / "damaged.zarr"
     shutil.copytree(store_path, copy)
-    chunks = list((copy / "buckets" / bucket / "latents").glob(f"c.{slot}.*"))
-    assert len(chunks) == 1
-    chunks[0].unlink()
+    drop_chunk(copy, bucket, "latents", slot)
     return copy
 
 

@@ -9,8 +9,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from cogfun.common.media import write_image, write_video
-from cogfun.precompute.decode import (
+from cogfun.common.decode import (
     DecodeError,
     MediaInfo,
     _read_decord,
@@ -21,6 +20,7 @@ from cogfun.precompute.decode import (
     read_image,
     read_video_frames,
 )
+from cogfun.testing.media import write_image, write_video
 
 # ------------------------------------------------ clip_indices (the original's frame sampling)
 

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import torch
-from cogfun.common.media import write_video
+from cogfun.common.decode import cap_short_side
 from cogfun.common.store import open_store
 from cogfun.precompute.config import PrecomputeConfig
-from cogfun.precompute.decode import cap_short_side
 from cogfun.precompute.run import run
+from cogfun.testing.media import write_video
 
 
 def test_the_short_side_resize_depends_on_the_thread_count():

@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path):
     work = tmp_path / "demo"
-    cmd = [sys.executable, "-c", "from cogfun.common.cli import main; main()"]
+    cmd = [sys.executable, "-c", "from cogfun.app.cli import main; main()"]
     res = subprocess.run(
         [*cmd, "demo", "--workdir", str(work), "--steps", "4"],
         capture_output=True,

@@ -125,7 +125,7 @@ def masters(checkpoint):
 
 
 def test_a_diverging_run_stops_with_a_good_checkpoint_that_resumes(shared, tmp_path, monkeypatch):
-    from cogfun.common.cli import app
+    from cogfun.app.cli import app
 
     store, model = shared
     out = tmp_path / "out"
@@ -177,7 +177,7 @@ def test_a_diverging_run_stops_with_a_good_checkpoint_that_resumes(shared, tmp_p
 
 
 def test_a_negative_limit_is_refused_naming_the_option(shared, tmp_path):
-    from cogfun.common.cli import app
+    from cogfun.app.cli import app
 
     store, model = shared
     args = ["train", "--latents", store, "--model", model, "--output-dir", tmp_path, *CLI_BASE]
@@ -204,7 +204,7 @@ def poisoned(*args, **kwargs):
 
 
 loop.compute_loss = poisoned
-from cogfun.common.cli import main
+from cogfun.app.cli import main
 
 main()
 """
@@ -219,7 +219,8 @@ def test_under_deepspeed_the_engine_skips_and_the_run_stops(shared, tmp_path):
     import sys
     from pathlib import Path
 
-    from train_support import cli_env, train_args
+    from cogfun.testing.runs import train_args
+    from train_support import cli_env
 
     store, model = shared
     out = tmp_path / "out"

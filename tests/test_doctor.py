@@ -10,14 +10,14 @@ from importlib import metadata
 
 import pytest
 import torch
-from cogfun.common import doctor
+from cogfun.app import doctor
 
 
 @pytest.fixture(scope="module")
 def cli_report():
     """One `cogfun doctor --json --require-cuda` run (it imports torch, diffusers and DeepSpeed)."""
     res = subprocess.run(
-        [sys.executable, "-c", "from cogfun.common.cli import main; main()", "doctor", "--json"]
+        [sys.executable, "-c", "from cogfun.app.cli import main; main()", "doctor", "--json"]
         + ["--require-cuda"],
         capture_output=True,
         text=True,

@@ -1,5 +1,5 @@
-"""Damaged stores, on a real precompute store: a deleted, truncated or altered chunk of any array
-is named by `cogfun inspect --verify` (exit 1); an edited or missing `zarr.json`, a newer schema
+"""Damaged stores, on a real precompute store: a deleted, truncated or altered chunk or shard file
+of any array is named by `cogfun inspect --verify` (exit 1), each sample it held and no other; an edited or missing `zarr.json`, a newer schema
 and a store that a live precompute is still writing are refused with a message saying so (what
 training's `open_store` does too)."""
 
@@ -18,17 +18,16 @@ import pytest
 from cogfun.common.store import SCHEMA_VERSION, DamagedSample, StoreError, open_store
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
-from fault_support import (
-    BIN,
+from cogfun.testing.faults import BIN, hook_env, read_log
+from cogfun.testing.runs import (
     OPTS,
     compare,
     fault_dataset,
-    hook_env,
     inspect_json,
     precompute_args,
-    read_log,
     snapshot,
 )
+from cogfun.testing.store_files import shard_file, shard_rows
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +61,39 @@ def _damage(path: Path, how: str) -> None:
 SAMPLE_ARRAYS = ("latents", "masks", "masked_latents", "all_masked", "checksum")
 
 
-def _target(store: Path, array: str) -> tuple[str, Path, set]:
-    """The first chunk of `array` on disk (all-zero chunks are never written), and which
-    (bucket, slot) entries `--verify` must name once it is damaged."""
+def _target(store: Path, array: str, how: str) -> tuple[str, Path, set]:
+    """The first chunk or shard file of `array` on disk, and which (bucket, slot) entries
+    `--verify` must name once it is damaged: a shard file deleted loses the samples it holds
+    data of; truncated or altered (its index's crc32c), every sample it covers."""
     reader = open_store(store)
     for bucket, info in reader.buckets.items():
         if array == "captions/embeddings":
             i = int(reader.read_sample(bucket, int(info.slots[0]))["caption"])
-            return bucket, store / array / f"c.{i}.0.0", {("captions", i)}
+            rows, stored = shard_rows(store, "captions", "embeddings", i)
+            needed = {0} | {
+                int(reader.read_sample(b, int(s))["caption"])
+                for b, inf in reader.buckets.items()
+                for s in inf.slots
+            }
+            hit = stored if how == "delete" else rows
+            return (
+                bucket,
+                shard_file(store, "captions", "embeddings", i),
+                {("captions", c) for c in hit if c in needed},
+            )
         files = _chunks(store, f"buckets/{bucket}/{array}")
         if not files:
             continue
         if array in SAMPLE_ARRAYS:
-            slot = int(files[0].name.split(".")[1])
-            return bucket, files[0], {(bucket, slot)}
+            rows, stored = shard_rows(store, bucket, array, int(info.slots[0]))
+            hit = set(stored if how == "delete" else rows) & set(info.slots.tolist())
+            if not hit:
+                continue
+            return (
+                bucket,
+                shard_file(store, bucket, array, int(info.slots[0])),
+                {(bucket, s) for s in hit},
+            )
         if array == "all_masked_latents":
             flags = reader.read_batch(bucket, info.slots)["all_masked"].any(dim=1).numpy()
             if not flags.any():
@@ -99,7 +117,7 @@ ARRAYS = [
 @pytest.mark.parametrize("array", ARRAYS)
 def test_a_damaged_chunk_is_named_by_inspect_verify(store, tmp_path, array, how):
     case = _copy(store, tmp_path)
-    bucket, chunk, expected = _target(case, array)
+    bucket, chunk, expected = _target(case, array, how)
     _damage(chunk, how)
     code, data, err = inspect_json(case, "--verify")
     assert code == 1, err
@@ -109,10 +127,9 @@ def test_a_damaged_chunk_is_named_by_inspect_verify(store, tmp_path, array, how)
     assert {b for b, _ in named} <= {bucket, "captions"}  # nothing else is blamed
     if expected:
         assert named == expected, (named, expected)
-    if array in SAMPLE_ARRAYS:  # the reason names the source file of the sample
-        (reason,) = [d["reason"] for d in data["damaged"]]
-        (slot,) = [s for _, s in expected]
-        assert open_store(store).provenance(bucket, slot)["file"] in reason
+    if array in SAMPLE_ARRAYS:  # each reason names the source file of its sample
+        for d in data["damaged"]:
+            assert open_store(store).provenance(bucket, d["slot"])["file"] in d["reason"]
     if array in (*SAMPLE_ARRAYS, "captions/embeddings"):
         assert data["digest"] is None and "damaged sample" in data["digest_error"]
     # Training's reads refuse a damaged sample and still read every other bucket.

@@ -10,19 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
-import zarr.storage._local as zarr_local
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
-from fault_support import (
-    OPTS,
-    compare,
-    fault_dataset,
-    faulty_put,
-    read_log,
-    snapshot,
-    write_kind,
-    write_log_of_a_run,
-)
+from cogfun.testing.faults import arm, read_log, write_kind
+from cogfun.testing.runs import OPTS, compare, fault_dataset, snapshot, write_log_of_a_run
 
 KINDS = [
     "store creation",
@@ -30,6 +21,9 @@ KINDS = [
     "shared all-masked latent",
     "sample chunk (latents)",
     "done flag (checksum)",
+    "sealed shard (latents)",
+    "sealed shard (checksum)",
+    "caption shard",
     "done index (finalize)",
     "root attributes (finalize)",
 ]
@@ -50,8 +44,12 @@ def _full_then_free(cfg: PrecomputeConfig, capsys, monkeypatch, fail) -> str:
     stderr."""
     capsys.readouterr()
     with monkeypatch.context() as m:
-        fail(m)
-        assert run(cfg) == 2
+        undo = fail(m)
+        try:
+            assert run(cfg) == 2
+        finally:
+            if callable(undo):
+                undo()
     err = capsys.readouterr().err
     assert run(cfg) == 0
     return err
@@ -69,7 +67,7 @@ def test_disk_full_at_a_store_write_then_rerun_is_identical(
         cfg,
         capsys,
         monkeypatch,
-        lambda m: m.setattr(zarr_local, "_put", faulty_put(zarr_local._put, f"enospc:{n}")),
+        lambda m: arm(f"enospc:{n}"),
     )
     assert "precompute aborted: the disk is full" in err and "No space left on device" in err
     assert "rerun the same command, it resumes where it stopped" in err

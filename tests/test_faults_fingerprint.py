@@ -15,11 +15,12 @@ import torch
 from cogfun.common.store import open_store
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
-from fault_support import OPTS, fault_dataset
+from cogfun.testing.runs import OPTS, fault_dataset
 from safetensors.torch import load_file, save_file
 
 # Not fingerprinted: where things are, and how fast they are done.
-# validation_prompts only adds a side file of prompt embeddings (no training sample changes).
+# validation_prompts only adds a side file of prompt embeddings (no training sample changes);
+# shard_samples only packs the same chunks into other files (fixed when the store is created).
 NOT_FINGERPRINTED = {
     "data",
     "meta",
@@ -29,6 +30,7 @@ NOT_FINGERPRINTED = {
     "threads",
     "progress",
     "validation_prompts",
+    "shard_samples",
 }
 
 # option -> (new value, settings keys the refusal must name)

@@ -1,8 +1,9 @@
 """The precompute kill matrix, reduced: `cogfun precompute` dies (as SIGKILL: no cleanup) in the
-middle of a sample chunk write, right after a done flag, and before finalize's last write; one rank
+middle of a staged sample chunk write, right after a done flag, in the middle of sealing a shard,
+between a shard's arrays and its checksum shard, and before finalize's last write; one rank
 of an `accelerate launch` run dies too. Each time nothing written reads as damaged, and a rerun
 gives a store equal to an uninterrupted run's: 0 lost, 0 duplicated, the same digest.
-`python bench/faults.py` runs the full matrix (seeded random points and times)."""
+`python -m bench.faults` runs the full matrix (seeded random points and times)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,15 @@ import pytest
 from cogfun.common.store import open_store
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
-from fault_support import (
-    KILLED,
+from cogfun.testing.faults import KILLED, hook_env, read_log, write_kind
+from cogfun.testing.runs import (
     OPTS,
     cogfun,
     fault_dataset,
-    hook_env,
     launch,
     precompute_args,
-    read_log,
     resume_and_compare,
     snapshot,
-    write_kind,
     write_log_of_a_run,
 )
 
@@ -54,6 +52,8 @@ def _first(writes: list[tuple[int, str]], kind: str, last: bool = False) -> int:
 POINTS = {  # mode, the kind of write it hits (the middle one of that kind, or the last)
     "torn sample chunk": ("kill-torn", "sample chunk (latents)", False),
     "after a done flag": ("kill-after", "done flag (checksum)", False),
+    "torn shard seal": ("kill-torn", "sealed shard (latents)", False),
+    "sealed arrays, not yet the checksum shard": ("kill-before", "sealed shard (checksum)", False),
     "before finalize completes": ("kill-before", "root attributes (finalize)", True),
 }
 
@@ -76,15 +76,15 @@ def test_kill_at_a_write_then_resume_is_identical(setup, tiny_model_dir, point):
 
 
 def test_one_of_two_processes_killed_then_resume_is_identical(setup, tiny_model_dir):
-    """Rank 1 dies at its 8th write (inside its first sample chunk, after the shared latents of
-    its buckets); the launcher stops rank 0; one process then finishes the store."""
+    """Rank 1 dies right after staging its 2nd sample's latents (that sample half staged, no done
+    flag yet); the launcher stops rank 0; one process then finishes the store."""
     root, data, ref, _ = setup
     out, log = root / "two.zarr", root / "two.log"
     args = precompute_args(data, tiny_model_dir, out)
-    res = launch(args, hook_env(root, "kill-after:8", rank=1, log=log))
+    res = launch(args, hook_env(root, "kill-after:2:/latents/.staged/", rank=1, log=log))
     assert res.returncode != 0, res.stderr[-2000:]
     ((hit, _, path),) = read_log(log)
-    assert hit == 8 and "buckets" in path
+    assert hit == 2 and write_kind(path) == "sample chunk (latents)"
     assert open_store(out, allow_incomplete=True).status == "writing"
     result = resume_and_compare(out, ref, _rerun(data, tiny_model_dir, out))
     assert result == {"torn": 0, "rerun_code": 0, "lost": 0, "duplicated": 0, "identical": True}

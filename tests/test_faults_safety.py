@@ -17,7 +17,7 @@ import pytest
 from cogfun.common.store import StoreError, open_store
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
-from fault_support import OPTS, fault_dataset, inspect_json
+from cogfun.testing.runs import OPTS, fault_dataset, inspect_json
 
 PACKAGE = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@
 finished checkpoint is published; `--resume-from-checkpoint latest` never picks a partial one and
 the resumed per-step losses and final weights equal the uninterrupted run's. A full disk during a
 checkpoint save; a damaged sample skipped with `--skip-damaged`.
-`python bench/faults.py` runs the full matrix."""
+`python -m bench.faults` runs the full matrix."""
 
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ import pytest
 from cogfun.common.store import open_store
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
-from fault_support import (
-    KILLED,
+from cogfun.testing.faults import KILLED, hook_env, read_log
+from cogfun.testing.runs import (
     OPTS,
     checkpoint_report,
     cogfun,
     fault_dataset,
-    hook_env,
-    read_log,
     train_cli_args,
     train_compare,
 )

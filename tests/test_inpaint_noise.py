@@ -8,10 +8,10 @@ import shutil
 
 import torch
 from cogfun.common.masks import add_inpaint_noise
-from cogfun.common.media import make_sample_dataset
 from cogfun.common.store import open_store
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
+from cogfun.testing.media import make_sample_dataset
 
 OPTS = dict(
     image_sample_size=128,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cogfun.common.cli import app
+from cogfun.app.cli import app
 from cogfun.common.store import (
     BucketPlan,
     RowPlan,
@@ -16,6 +16,7 @@ from cogfun.common.store import (
     open_for_write,
     open_store,
 )
+from cogfun.testing.store_files import chunk_range
 from typer.testing import CliRunner
 
 LAYOUT = StoreLayout(
@@ -126,8 +127,9 @@ def test_inspect_verify_exit_codes(tmp_path):
     assert (
         ok.exit_code == 0 and "intact (3 samples checked)" in ok.stdout
     )  # a recorded failure is not damage
-    chunk = next((store / "buckets" / BUCKET / "masks").glob("c.1.*"))
-    chunk.write_bytes(chunk.read_bytes()[:7])
+    path, offset, length = chunk_range(store, BUCKET, "masks", 1)  # bytes blosc cannot decode
+    raw = path.read_bytes()
+    path.write_bytes(raw[:offset] + b"x" * length + raw[offset + length :])
     bad = runner.invoke(app, ["inspect", str(store), "--verify"])
     assert bad.exit_code == 1
     damaged_rows = bad.stdout.split("Damaged samples (1)")[1]

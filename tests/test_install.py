@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from cogfun.common.doctor import check_requirements, installed_versions
+from cogfun.app.doctor import check_requirements, installed_versions
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name

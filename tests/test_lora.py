@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cogfun.common.cli import app
+from cogfun.app.cli import app
 from cogfun.common.models import load_transformer
 from cogfun.train import lora, lora_files
 from safetensors.torch import load_file, save_file

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from cogfun.common.store import BucketPlan, RowPlan, StoreLayout, StorePlan, open_for_write
+from cogfun.testing.runs import train_args
 from cogfun.train import lora
 from cogfun.train.loop import fit
 from cogfun.train.setup import setup
@@ -25,7 +26,6 @@ from train_support import (
     make_store,
     metrics,
     run_in_process,
-    train_args,
     train_config,
     transformer_only_model,
 )
@@ -107,7 +107,7 @@ def test_resume_repeats_the_uninterrupted_run(shared, tmp_path):
 
 
 def test_refusals(shared, tmp_path):
-    from cogfun.common.cli import app
+    from cogfun.app.cli import app
 
     store, model = shared
     runner = CliRunner()

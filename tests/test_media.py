@@ -8,7 +8,7 @@ import json
 import av
 import numpy as np
 import pytest
-from cogfun.common.media import (
+from cogfun.testing.media import (
     IMAGE_MODES,
     SAMPLE_IMAGE_SPECS,
     SAMPLE_VIDEO_SPECS,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cogfun.testing.runs import train_args
 from cogfun.train import memory_checks, optim
 from cogfun.train.distributed import LaunchPlan, launch_plan
 from safetensors import safe_open
@@ -29,7 +30,6 @@ from train_support import (
     make_store,
     metrics,
     run_in_process,
-    train_args,
     train_config,
     transformer_only_model,
 )

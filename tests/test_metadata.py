@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from cogfun.common.media import make_sample_dataset
 from cogfun.precompute.metadata import MetadataError, Row, read_metadata
+from cogfun.testing.media import make_sample_dataset
 
 ROWS = [
     {"file_path": "v/a.mp4", "text": "a cat", "type": "video"},

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cogfun.common.media import make_sample_dataset
 from cogfun.common.models import model_identity
 from cogfun.common.store import (
     BucketPlan,
@@ -27,9 +26,10 @@ from cogfun.common.store import (
     open_for_write,
     open_store,
 )
-from cogfun.common.tiny import write_tiny_model
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
+from cogfun.testing.media import make_sample_dataset
+from cogfun.testing.tiny import write_tiny_model
 from cogfun.train.preflight import TrainRefused, check_store
 from train_support import metrics, run_in_process
 from typer.testing import CliRunner
@@ -283,7 +283,7 @@ def test_one_message_names_every_difference_before_any_weights_load(plain, tmp_p
     """The tiny V1.5 model on a 2b-InP store: patch_size_t, masked-video noise, VAE scaling factor
     and VAE identity all differ; `cogfun train` names them in one refusal and loads nothing."""
     import cogfun.common.models as models
-    from cogfun.common.cli import app
+    from cogfun.app.cli import app
     from cogfun.train import distributed
 
     def boom(*a, **k):

@@ -18,7 +18,7 @@ from cogfun.common.models import (
     load_vae,
     model_identity,
 )
-from cogfun.common.tiny import write_tiny_model
+from cogfun.testing.tiny import write_tiny_model
 from safetensors.torch import load_file
 
 ALL_PARTS = ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]

@@ -27,7 +27,7 @@ def shared(tmp_path_factory, tiny_model_dir):
 
 
 def test_latents_takes_several_stores_with_weights_on_the_command_line_and_in_files(tmp_path):
-    from cogfun.common.stage_command import add_stage_command
+    from cogfun.app.stage_command import add_stage_command
     from cogfun.train.config import TrainConfig
     from cogfun.train.stores import StoreSpec, parse_latents
 
@@ -267,8 +267,8 @@ def test_what_a_batch_needs_must_agree(other, reason):
 
 
 def test_data_builds_one_store_only(tmp_path):
+    from cogfun.app.store_build import check_store_options
     from cogfun.train.preflight import TrainRefused
-    from cogfun.train.store_build import check_store_options
 
     check_store_options({"data": tmp_path}, [tmp_path / "s.zarr"])  # one store: built as before
     with pytest.raises(TrainRefused) as err:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import typer
-from cogfun.common.stage_command import add_stage_command
-from cogfun.common.stage_flags import TRAIN_STORE_SKIP, foreign_flags
+from cogfun.app.stage_command import add_stage_command
+from cogfun.app.stage_flags import TRAIN_STORE_SKIP, foreign_flags
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.train.config import TrainConfig
 from typer.testing import CliRunner

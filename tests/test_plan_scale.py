@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cogfun.common.decode import DecodeError, MediaInfo
 from cogfun.precompute.config import PrecomputeConfig
-from cogfun.precompute.decode import DecodeError, MediaInfo
 from cogfun.precompute.headers import (
     HeaderPassError,
     gather_probes,

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cogfun.app.cli import app
 from cogfun.common.buckets import resize_cover_crop
-from cogfun.common.cli import app
+from cogfun.common.decode import MediaInfo, read_video_frames
 from cogfun.common.masks import mask_to_latent, random_mask
-from cogfun.common.media import make_sample_dataset, write_video
 from cogfun.common.models import load_vae
 from cogfun.common.store import open_store
 from cogfun.precompute import plan as plan_module
 from cogfun.precompute.config import PrecomputeConfig
-from cogfun.precompute.decode import MediaInfo, read_video_frames
 from cogfun.precompute.run import run
+from cogfun.testing.media import make_sample_dataset, write_video
 from typer.testing import CliRunner
 
 # Small sizes keep every encode in milliseconds; one thread and inline decoding keep runs cheap.

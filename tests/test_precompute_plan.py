@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cogfun.common.decode import MediaInfo
 from cogfun.common.progress import progress, setup_logging
 from cogfun.precompute.config import PrecomputeConfig
-from cogfun.precompute.decode import MediaInfo
 from cogfun.precompute.metadata import Row
 from cogfun.precompute.plan import (
     build_plan,
@@ -84,7 +84,7 @@ def test_buckets_slots_and_chunks():
     # 64x96 video at base 64: key 0.68 -> (416, 608) * 64/512 -> (48, 64); 25 frames // 3 = 8
     # clip frames -> 5 (4k+1) -> latent 2x6x8.
     v0 = by_key["row0.v0"]
-    assert (v0.height, v0.width, v0.frames, v0.bucket) == (48, 64, 5, "f2_h6_w8")
+    assert (*v0.geometry.pixels, v0.bucket) == (5, 48, 64, "f2_h6_w8")
     assert v0.clip_frames == 8 and len(v0.indices) == 5
     assert np.all(np.diff(v0.indices) == 3)  # stride 3 within the clip
     # 80x64 image at 128: key 1.21 -> (544, 448) / 4 -> (136, 112) -> (128, 112).
@@ -132,12 +132,12 @@ def test_v15_plan_holds_only_patchable_frame_counts():
     assert {b.latent_frames for b in v15.store.buckets} == {1, 2}
     by_key = {s.key: s for s in plain.samples}
     for spec in v15.samples:
-        old = by_key[spec.key]
-        assert (spec.height, spec.width, spec.seed, spec.mask_seeds, spec.clip_frames) == (
-            old.height, old.width, old.seed, old.mask_seeds, old.clip_frames,
+        old, g, g_old = by_key[spec.key], spec.geometry, by_key[spec.key].geometry
+        assert (g.height, g.width, spec.seed, spec.mask_seeds, spec.clip_frames) == (
+            g_old.height, g_old.width, old.seed, old.mask_seeds, old.clip_frames,
         )  # fmt: skip
-        assert spec.frames == {9: 5, 5: 5, 1: 1}[old.frames], spec.key
-        assert spec.indices == old.indices[: spec.frames]  # the clip's leading frames
+        assert g.frames == {9: 5, 5: 5, 1: 1}[g_old.frames], spec.key
+        assert spec.indices == old.indices[: g.frames]  # the clip's leading frames
     assert build_plan(rows, probes, cfg, patch_size_t=None).store == plain.store
 
 

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from cogfun.common.media import make_sample_dataset
+from cogfun.common.decode import probe
 from cogfun.common.store import StoreError, open_store
 from cogfun.precompute import headers, plan
 from cogfun.precompute.config import PrecomputeConfig
-from cogfun.precompute.decode import probe
 from cogfun.precompute.metadata import read_metadata
 from cogfun.precompute.run import run
+from cogfun.testing.media import make_sample_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,7 @@ OPTS = dict(
     video_sample_n_frames=17,
     variants_per_sample=3,
     vae_mini_batch=2,
+    shard_samples=4,  # several shards a bucket, so both processes own and seal some
     threads=1,
     decode_workers=0,
     progress="log",
@@ -53,12 +54,22 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(dataset, tiny_model_dir, tmp_path_factory) -> tuple[str, int]:
-    """Digest and sample count of an uninterrupted single-process run."""
+def reference(dataset, tiny_model_dir, tmp_path_factory) -> tuple[str, int, Path]:
+    """Digest, sample count and path of an uninterrupted single-process run."""
     out = tmp_path_factory.mktemp("ref") / "ref.zarr"
     assert run(PrecomputeConfig(data=dataset, model=tiny_model_dir, out=out, **OPTS)) == 0
     r = open_store(out)
-    return r.digest(), sum(len(i.slots) for i in r.buckets.values())
+    return r.digest(), sum(len(i.slots) for i in r.buckets.values()), out
+
+
+def _shards(store: Path) -> dict[str, bytes]:
+    """Every sealed shard file (per-sample arrays and captions), by path inside the store."""
+    return {
+        str(p.relative_to(store)): p.read_bytes()
+        for p in sorted(store.rglob("c.*"))
+        if p.parent.name in ("latents", "masks", "masked_latents", "all_masked", "checksum")
+        or p.parent.name == "embeddings"
+    }
 
 
 def _env() -> dict:
@@ -81,6 +92,8 @@ def test_two_processes_equal_one(dataset, tiny_model_dir, reference, tmp_path):
         for m in re.finditer(r"process (\d) of 2: stored (\d+) samples", res.stderr)
     }
     assert set(stored) == {0, 1} and min(stored.values()) > 0
+    sealed = [int(m[1]) for m in re.finditer(r"(\d+) shard files sealed", res.stderr)]
+    assert len(sealed) == 2 and min(sealed) > 0, sealed  # each process sealed its own shards
     # Each rank read the headers of its own share of the files, none all of them.
     probed = {
         int(m[1]): (int(m[2]), int(m[3]), int(m[4]))
@@ -98,12 +111,16 @@ def test_two_processes_equal_one(dataset, tiny_model_dir, reference, tmp_path):
         "rank0-of-2.json",
         "rank1-of-2.json",
     ]
-    digest, count = reference
+    digest, count, ref = reference
     assert sum(stored.values()) == count
     assert "backend gloo" in res.stderr
     r = open_store(out)
     assert r.attrs["processes"] == 2 and r.attrs["threads"] == 1
     assert r.digest() == digest
+    # Byte for byte the single process's shard files: each shard written whole by its owner.
+    two, one = _shards(out), _shards(ref)
+    assert len(one) > 10 and two == one
+    assert not list(out.rglob(".staged/*"))
 
 
 def _done(out: Path) -> int:
@@ -117,7 +134,7 @@ def _done(out: Path) -> int:
 def test_kill_9_then_resume_equals_uninterrupted(
     dataset, tiny_model_dir, reference, tmp_path, monkeypatch
 ):
-    digest, count = reference
+    digest, count, _ = reference
     out = tmp_path / "killed.zarr"
     cmd = [str(BIN / "cogfun"), "precompute", *_flags(dataset, tiny_model_dir, out)]
     cmd += ["--decode-workers", "1"]  # a worker process too: the whole group is killed

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cogfun.common.options import readme_options_block
+from cogfun.app.options import readme_options_block
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- options:start -->\n", "<!-- options:end -->"
@@ -17,7 +17,7 @@ def test_readme_option_tables_match_the_configs():
     expected = readme_options_block()
     assert block.strip() == expected.strip(), (
         "README.md option tables are stale; replace the block between the options markers with:\n"
-        "python -c 'from cogfun.common.options import readme_options_block as b; print(b())'"
+        "python -c 'from cogfun.app.options import readme_options_block as b; print(b())'"
     )
 
 

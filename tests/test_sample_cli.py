@@ -6,11 +6,11 @@ import av
 import numpy as np
 import pytest
 import torch
+from cogfun.app.cli import app
 from cogfun.common import sample_inputs
-from cogfun.common.cli import app
-from cogfun.common.media import write_image, write_video
 from cogfun.common.models import encode_prompts, load_text_encoder, load_tokenizer
 from cogfun.common.sample_inputs import load_prompt_embeds
+from cogfun.testing.media import write_image, write_video
 from typer.testing import CliRunner
 
 SMALL = ["--num-frames", "9", "--height", "48", "--width", "64", "--num-inference-steps", "2"]
@@ -195,7 +195,7 @@ def test_bad_files_are_named(tiny_model_dir, tmp_path, media):
 
 def test_v15_frames_are_padded_up(tmp_path):
     """V1.5 pads an odd latent count up by one latent frame, as its predict scripts do: 9 -> 13."""
-    from cogfun.common.tiny import write_tiny_model
+    from cogfun.testing.tiny import write_tiny_model
 
     model = write_tiny_model(tmp_path / "v15", variant="v15-5b-inp", seed=0)
     out = tmp_path / "v15.mp4"

@@ -129,7 +129,7 @@ def _files(store: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, tiny_model_dir):
-    from cogfun.common.media import make_sample_dataset
+    from cogfun.testing.media import make_sample_dataset
 
     work = tmp_path_factory.mktemp("seed")
     make_sample_dataset(work / "data", n_videos=4, n_images=2, seed=3)
@@ -190,7 +190,7 @@ def test_the_same_command_reuses_the_store_and_resumes(first_run, tiny_model_dir
 
 
 def test_a_store_with_other_settings_is_refused_naming_each_difference(first_run, tiny_model_dir):
-    from cogfun.common.cli import app
+    from cogfun.app.cli import app
 
     work, _ = first_run
     before = _files(work / "latents.zarr")

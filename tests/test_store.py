@@ -24,6 +24,8 @@ from cogfun.common.store import (
     open_for_write,
     open_store,
 )
+from cogfun.common.store import chunks as store_chunks
+from cogfun.testing.store_files import drop_chunk, flip_byte, shard_file
 
 LAYOUT = StoreLayout(
     latent_channels=4, latent_format="moments", masks_per_sample=2, text_len=6, text_dim=8
@@ -109,14 +111,6 @@ def bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.uint16).numpy()
 
 
-def chunk_file(store: Path, bucket: str, array: str, slot: int) -> Path:
-    folder = store / "buckets" / bucket / array
-    (found,) = [
-        p for p in folder.iterdir() if p.name == f"c.{slot}" or p.name.startswith(f"c.{slot}.")
-    ]
-    return found
-
-
 def test_round_trip_is_bit_exact_with_every_shape(tmp_path):
     store, plan = tmp_path / "s.zarr", make_plan()
     write_store(store, plan)
@@ -160,11 +154,10 @@ def test_round_trip_is_bit_exact_with_every_shape(tmp_path):
     assert shapes["all_masked_latents"] == [2, 8, 4, 6]
     assert shapes["caption"] == shapes["provenance"] == shapes["checksum"] == [5]
     emb = json.loads((store / "captions" / "embeddings" / "zarr.json").read_text())
-    assert emb["shape"] == [3, 6, 8] and emb["chunk_grid"]["configuration"]["chunk_shape"] == [
-        1,
-        6,
-        8,
-    ]
+    # Schema 2: captions sharded 1024 to a file, one inner chunk per caption.
+    assert emb["shape"] == [3, 6, 8]
+    assert emb["chunk_grid"]["configuration"]["chunk_shape"] == [1024, 6, 8]
+    assert emb["codecs"][0]["configuration"]["chunk_shape"] == [1, 6, 8]
     root = json.loads((store / "zarr.json").read_text())["attributes"]
     assert root["status"] == "complete" and root["schema_version"] == SCHEMA_VERSION
     assert root["counts"] == {VIDEO: 5, IMAGE: 2}
@@ -256,24 +249,25 @@ def test_done_slots_resume_and_finalize(tmp_path):
         open_store(store)
 
 
-def test_a_rewrite_that_dies_half_way_reads_as_not_done(tmp_path):
+def test_a_rewrite_that_dies_half_way_reads_as_not_done(tmp_path, monkeypatch):
     store, plan = tmp_path / "s.zarr", make_plan()
     write_store(store, plan, finalize=False)
     w = open_for_write(store, settings=SETTINGS, attrs=ATTRS, plan=plan, layout=LAYOUT, create=True)
-    arrays = w._group_arrays(VIDEO)
 
     class Killed(Exception):
         pass
 
-    class DiesOnWrite:  # stands in for the latents array: the process dies mid-rewrite
-        def set_orthogonal_selection(self, *args):
-            raise Killed
+    real = store_chunks.put
 
-    real = arrays["latents"]
-    arrays["latents"] = DiesOnWrite()
+    def dies_writing_latents(path, data):  # the process dies mid-rewrite, done flag cleared
+        if "/latents/" in str(path):
+            raise Killed
+        real(path, data)
+
+    monkeypatch.setattr(store_chunks, "put", dies_writing_latents)
     with pytest.raises(Killed):
         w.write_sample(VIDEO, 2, **sample(plan, VIDEO, 2))
-    arrays["latents"] = real
+    monkeypatch.setattr(store_chunks, "put", real)
     assert w.done_slots(VIDEO).tolist() == [True, True, False, True, True]
     assert open_store(store, allow_incomplete=True).verify() == []  # not done is not damage
     w.write_sample(VIDEO, 2, **sample(plan, VIDEO, 2))  # the rerun redoes it
@@ -328,18 +322,11 @@ def test_digest_ignores_order_and_compression_but_not_contents(tmp_path):
     assert open_store(tmp_path / "b").digest() != a.digest()
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
+@pytest.mark.parametrize("damage", [drop_chunk, flip_byte], ids=["dropped", "flipped"])
 def test_verify_and_reads_catch_a_damaged_chunk(tmp_path, damage):
     store = tmp_path / "s.zarr"
     write_store(store)
-    target = chunk_file(store, VIDEO, "latents", 3)
-    raw = target.read_bytes()
-    if damage == "delete":
-        target.unlink()
-    elif damage == "truncate":
-        target.write_bytes(raw[: len(raw) // 2])
-    else:
-        target.write_bytes(raw[:-20] + bytes([raw[-20] ^ 0x40]) + raw[-19:])
+    damage(store, VIDEO, "latents", 3)  # one sample's chunk inside its shard file
     r = open_store(store)  # opening does not read samples, so it still works
     damaged = r.verify()
     assert [(b, s) for b, s, _ in damaged] == [(VIDEO, 3)]
@@ -355,12 +342,32 @@ def test_verify_and_reads_catch_a_damaged_chunk(tmp_path, damage):
     assert r.summary()["digest"] is None
 
 
+@pytest.mark.parametrize("damage", ["truncate", "index", "delete"])
+def test_a_damaged_shard_names_each_of_its_samples_and_no_other(tmp_path, damage):
+    store = tmp_path / "s.zarr"
+    write_store(store, shard_samples=2)  # video shards hold slots {0, 1}, {2, 3}, {4}
+    target = shard_file(store, VIDEO, "masked_latents", 3)
+    raw = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(raw[: len(raw) // 2])
+    elif damage == "index":  # a bit of the shard index: its crc32c no longer matches
+        target.write_bytes(raw[:-30] + bytes([raw[-30] ^ 1]) + raw[-29:])
+    else:
+        target.unlink()
+    r = open_store(store)
+    assert sorted((b, s) for b, s, _ in r.verify()) == [(VIDEO, 2), (VIDEO, 3)]
+    with pytest.raises(DamagedSample) as exc:
+        r.read_sample(VIDEO, 2)
+    assert exc.value.slot == 2 and "clips/v2.mp4" in str(exc.value)
+    for slot in (0, 1, 4):
+        assert r.read_sample(VIDEO, slot)["masked_latents"].shape == (2, 2, 8, 4, 6)
+
+
 def test_verify_catches_a_lost_done_flag_and_caption(tmp_path):
     store = tmp_path / "s.zarr"
     write_store(store)
-    chunk_file(store, VIDEO, "checksum", 1).unlink()
-    (found,) = (store / "captions" / "embeddings").glob("c.2.*")
-    found.unlink()
+    drop_chunk(store, VIDEO, "checksum", 1)
+    drop_chunk(store, "captions", "embeddings", 2)
     damaged = {(b, s): reason for b, s, reason in open_store(store).verify()}
     assert set(damaged) == {(VIDEO, 1), ("captions", 2)}
     assert "done flag" in damaged[(VIDEO, 1)] and "checksum" in damaged[("captions", 2)]

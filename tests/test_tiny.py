@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cogfun.common.cli import app
-from cogfun.common.tiny import VARIANTS, write_tiny_model
+from cogfun.app.cli import app
+from cogfun.testing.tiny import VARIANTS, write_tiny_model
 from typer.testing import CliRunner
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")

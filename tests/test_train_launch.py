@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cogfun.testing.runs import train_args
 from safetensors.torch import load_file
 from train_support import (
     cli_env,
@@ -24,7 +25,6 @@ from train_support import (
     make_store,
     metrics,
     run_in_process,
-    train_args,
     transformer_only_model,
 )
 

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from cogfun.testing.store_files import drop_chunk
 from safetensors.torch import load_file, save_file
 from train_support import make_store, metrics, run_in_process, transformer_only_model
 from typer.testing import CliRunner
@@ -179,7 +180,7 @@ def test_16_channel_checkpoint_starts_an_inpaint_run(tmp_path_factory, tmp_path,
 def test_mode_defaults_to_what_the_model_is(variant, mode, channels, shared, tmp_path, caplog):
     """`cogfun tiny-model --variant 2b` trains text-to-video and `2b-inp` inpaint, with no --mode:
     no default changes the model's input channels."""
-    from cogfun.common.cli import app
+    from cogfun.app.cli import app
 
     model = tmp_path / "model"
     res = CliRunner().invoke(app, ["tiny-model", str(model), "--variant", variant])
@@ -274,7 +275,7 @@ def test_training_options_reach_the_step(shared, tmp_path, tiny_model_dir):
 
 
 def _cli(args):
-    from cogfun.common.cli import app
+    from cogfun.app.cli import app
 
     return CliRunner(env={"COLUMNS": "300"}).invoke(app, ["train", *map(str, args)])
 
@@ -359,8 +360,7 @@ def test_damaged_sample_stops_training_naming_it(shared, tmp_path):
     store, model = shared
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(store, damaged)
-    (chunk,) = (damaged / "buckets" / "f5_h8_w8" / "latents").glob("c.3.*")
-    chunk.unlink()
+    drop_chunk(damaged, "f5_h8_w8", "latents", 3)
     args = ["--latents", damaged, "--model", model, "--output-dir", tmp_path / "o"]
     res = _cli(
         [*args, "--report-to", "none", "--dataloader-num-workers", "0", "--max-train-steps", "6"]

@@ -153,8 +153,8 @@ def test_batch_tiling_follows_the_store_unless_told():
 
 
 def test_store_options_without_data_are_refused_naming_each(tmp_path):
+    from cogfun.app.store_build import check_store_options
     from cogfun.train.preflight import TrainRefused
-    from cogfun.train.store_build import check_store_options
 
     check_store_options({}, tmp_path)  # nothing to build: the store at --latents as it is
     with pytest.raises(TrainRefused) as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import av
 import pytest
-from cogfun.common.cli import app
+from cogfun.app.cli import app
 from cogfun.train.preflight import TrainRefused
 from train_support import make_store, metrics, run_in_process, validation_videos
 from typer.testing import CliRunner

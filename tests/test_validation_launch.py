@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cogfun.common.cli import app
-from fault_support import train_compare
-from train_support import cli_env, cogfun_cmd, make_store, metrics, train_args, validation_videos
+from cogfun.app.cli import app
+from cogfun.testing.runs import train_args, train_compare
+from train_support import cli_env, cogfun_cmd, make_store, metrics, validation_videos
 from typer.testing import CliRunner
 
 FAST = dict(

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import pytest
-from cogfun.common.cli import app
+from cogfun.app.cli import app
 from cogfun.train.preflight import TrainRefused
 from train_support import make_store, metrics, run_in_process, validation_videos
 from typer.testing import CliRunner
@@ -61,10 +61,10 @@ def test_precompute_encodes_validation_prompts_into_the_store_and_train_reads_th
     store without it; a rerun adds it to an existing store without re-encoding anything else;
     `--validation-prompts store` trains with it and never builds T5."""
     import torch
-    from cogfun.common.media import make_sample_dataset
     from cogfun.common.models import encode_prompts, load_text_encoder, load_tokenizer
     from cogfun.common.sample_inputs import load_prompt_embeds
     from cogfun.common.sample_store import STORE_FILE
+    from cogfun.testing.media import make_sample_dataset
 
     dataset = tmp_path / "data"
     make_sample_dataset(dataset, n_videos=2, n_images=1, seed=0)
@@ -129,7 +129,7 @@ def test_store_prompts_missing_is_refused(store, tiny_model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def start_images(tmp_path_factory):
-    from cogfun.common.media import write_image
+    from cogfun.testing.media import write_image
 
     root = tmp_path_factory.mktemp("starts")
     return [write_image(root / f"s{i}.png", 40, 56, seed=i) for i in range(2)]
@@ -200,7 +200,7 @@ def test_bad_validation_paths_are_refused(
     for extra, message in cases:
         with pytest.raises(TrainRefused, match=message):
             run_in_process(**common, **extra)
-    from cogfun.common.tiny import write_tiny_model
+    from cogfun.testing.tiny import write_tiny_model
 
     t2v_model = write_tiny_model(tmp_path / "t2v", variant="2b", seed=0)  # 16 input channels
     with pytest.raises(TrainRefused, match="image to video needs the inpaint transformer"):

@@ -1,5 +1,7 @@
 """Shared builders for the training tests: a small store that fits the tiny model, a model folder
-without VAE and T5, and config/run helpers. Cached per process so every test module reuses them."""
+without VAE and T5, and config/run helpers. Cached per process so every test module reuses them.
+The `cogfun train` command line (`train_args`) lives in `cogfun.testing.runs`, which the
+benchmarks share."""
 
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ def transformer_only_model(root: Path, tiny_model: Path, variant: str = "2b-inp"
     if variant == "2b-inp":
         shutil.copytree(tiny_model, out)
     else:
-        from cogfun.common.tiny import write_tiny_model
+        from cogfun.testing.tiny import write_tiny_model
 
         write_tiny_model(out, variant=variant, seed=0)
     for part in ("vae", "text_encoder", "tokenizer"):
@@ -145,34 +147,6 @@ def cli_env(threads: int = 1) -> dict[str, str]:
 def cogfun_cmd() -> list[str]:
     """The console script beside this interpreter (what `accelerate launch` must be given)."""
     return [str(Path(sys.executable).with_name("cogfun"))]
-
-
-def train_args(store: Path, model: Path, out: Path, **options: Any) -> list[str]:
-    """`train --latents ... --model ... --output-dir ...` plus the fast defaults as flags."""
-    values = {
-        "train_batch_size": 2,
-        "dataloader_num_workers": 0,
-        "max_train_steps": 4,
-        "checkpointing_steps": 2,
-        "lr_warmup_steps": 2,
-        "learning_rate": 1e-3,
-        "mixed_precision": "no",
-        "report_to": "none",
-        "progress": "log",
-    }
-    values.update(options)
-    args = ["train", "--latents", str(store), "--model", str(model), "--output-dir", str(out)]
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    if "gradient_checkpointing" not in options:
-        args.append("--no-gradient-checkpointing")
-    if "use_came" not in options:
-        args.append("--no-use-came")
-    return args
 
 
 def run_cli(args: list[str], timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@
 (On CPU, DDP needs `ACCELERATE_USE_CPU=true` with `--multi_gpu`; never `--cpu` with DeepSpeed.)
 
 Given the dataset (`--data`/`--train_data_dir` and precompute's options) the store at `--latents`
-is first reused when it matches, or built by precompute (`cogfun.train.store_build`). The store is
+is first reused when it matches, or built by precompute (`cogfun.app.store_build`). The store is
 then opened and checked, so a store that cannot train this model (no masks for an
 inpaint run, other latent channels, VAE, scaling or text width, no samples, unfinished or damaged)
 is refused before anything heavy loads. Only the transformer and the scheduler config are loaded
@@ -19,8 +19,6 @@ and the VAE is loaded for each validation round's decode (`cogfun.train.validati
 
 from __future__ import annotations
 
-from typing import Any
-
 from cogfun.common.models import ModelFolderError
 from cogfun.common.progress import setup_logging
 from cogfun.common.store import StoreError
@@ -29,7 +27,7 @@ from cogfun.train.checkpoint import CheckpointError
 from cogfun.train.config import TrainConfig
 from cogfun.train.loop import fit
 from cogfun.train.preflight import TrainRefused
-from cogfun.train.setup import setup
+from cogfun.train.setup import StoreSource, setup
 
 # What the CLI reports as a message and a non-zero exit rather than a traceback.
 REFUSALS = (
@@ -42,8 +40,8 @@ REFUSALS = (
 )
 
 
-def run(config: TrainConfig, store_options: dict[str, Any] | None = None) -> None:
-    """Train; `store_options` are `cogfun precompute` options (with `data`) for the store to find
-    or build at `config.latents` first."""
+def run(config: TrainConfig, store: StoreSource | None = None) -> None:
+    """Train; `store` finds or builds the store at `config.latents` first (`cogfun train` given
+    `cogfun precompute`'s options: `cogfun.app.store_build.StoreOptions`)."""
     setup_logging()
-    fit(setup(config, store_options))
+    fit(setup(config, store))

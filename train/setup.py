@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from cogfun.common.model_kind import read_transformer_config
@@ -36,7 +36,6 @@ from cogfun.train.preflight import (
 )
 from cogfun.train.resolve import resolve_mode
 from cogfun.train.state import TrainingState
-from cogfun.train.store_build import check_store_options, ensure_store, store_config
 from cogfun.train.stores import check_stores_agree, parse_latents, run_tile_factors
 from cogfun.train.validation import prepare_validation
 from diffusers.utils.logging import disable_progress_bar
@@ -177,16 +176,29 @@ def _clip_schedule(cfg: TrainConfig, deepspeed: bool) -> str:
     return schedule
 
 
-def setup(cfg: TrainConfig, store_options: dict[str, Any] | None = None) -> Trainer:
-    """Everything `fit` needs; refusals come before anything heavy is loaded. `store_options` are
-    the precompute options given to train: with --data the store is found or built first."""
+class StoreSource(Protocol):
+    """Where the store at --latents comes from when `cogfun train` is given precompute's options.
+
+    Building a store is precompute's work, so training does not import it: the app layer, where
+    the stages meet, hands one in (`cogfun.app.store_build.StoreOptions`). `check` refuses the
+    options before anything is read; `ensure` reuses or builds the store once the mode is known."""
+
+    def check(self, cfg: TrainConfig) -> None: ...
+
+    def ensure(self, cfg: TrainConfig) -> None: ...
+
+
+def setup(cfg: TrainConfig, store: StoreSource | None = None) -> Trainer:
+    """Everything `fit` needs; refusals come before anything heavy is loaded. `store` is given
+    when train was handed precompute's options: with --data the store is found or built first."""
     from cogfun.common.models import load_scheduler
     from cogfun.train.data import make_dataloader
 
     check_config(cfg)
     lora_train.check_config(cfg)
     memory_checks.check(cfg, distributed.launch_plan())
-    check_store_options(store_options or {}, cfg.latents)
+    if store is not None:
+        store.check(cfg)
     specs = parse_latents(cfg.latents)
     disable_progress_bar()  # diffusers' per-save "Writing model shards" bars
     model_dir = check_model_folder(cfg.model, ["transformer", "scheduler"])
@@ -194,9 +206,8 @@ def setup(cfg: TrainConfig, store_options: dict[str, Any] | None = None) -> Trai
         model_dir, "training reads the transformer's layout (channels, patches) from it"
     )
     cfg = resolve_mode(cfg, tconfig, model_dir)
-    build = store_config(cfg, store_options or {})
-    if build is not None:
-        ensure_store(build)
+    if store is not None:
+        store.ensure(cfg)
     stores = [open_store(spec.path) for spec in specs]
     for each in stores:
         check_store(each, tconfig, cfg.mode, model_dir)

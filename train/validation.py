@@ -204,7 +204,7 @@ def _source(cfg: Any) -> Path | list[str]:
 
 def _start_images(cfg: Any, prompts: int) -> list[Path]:
     """--validation-paths checked: one readable image per prompt, an inpaint-mode run."""
-    from cogfun.precompute.decode import DecodeError, read_image
+    from cogfun.common.decode import DecodeError, read_image
 
     paths = [Path(p) for p in cfg.validation_paths]
     if not paths:
@@ -247,8 +247,9 @@ def _sample_mine(
 
     Under mixed precision the VAE runs in that dtype and the transformer under autocast, as in
     training; the fp32 master weights are not copied."""
+    from cogfun.common.geometry import latent_shape_of
     from cogfun.common.models import load_vae
-    from cogfun.common.sampling import generate, initial_latents, latent_frames
+    from cogfun.common.sampling import generate, initial_latents
     from cogfun.common.schedulers import build_scheduler, scheduler_config
 
     mine = _my_prompts(v, acc)
@@ -262,14 +263,8 @@ def _sample_mine(
     try:
         for i in mine:
             generator = torch.Generator(device).manual_seed(v.seed + i)
-            channels = vae.config.latent_channels
-            shape = (
-                1,
-                latent_frames(v.size.frames),
-                channels,
-                v.size.height // 8,
-                v.size.width // 8,
-            )
+            f_lat, h, w = latent_shape_of(v.size.frames, v.size.height, v.size.width)
+            shape = (1, f_lat, vae.config.latent_channels, h, w)
             video, mask = si.image_to_video(v.images[i], None, v.size) if v.images else (None, None)
             with acc.autocast():
                 result = generate(

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from cogfun.common.store.schema import StoreReadError
@@ -50,9 +50,9 @@ _DTYPES = {"uint8", "uint16", "uint64", "int64"}
 
 
 class ChunkFiles:
-    """The chunk files of one array whose chunks are whole rows: with `chunk_rows` 1 (every
-    per-sample array) `row(i)` lives in one file, which `read` and the writes handle; larger
-    chunks (the plan arrays) are only read, a chunk at a time (`read_chunk`)."""
+    """The chunk files of one array whose chunks are whole rows, read only: with `chunk_rows` 1
+    (every per-sample array of a schema-1 store) `row(i)` lives in one file; larger chunks (the
+    plan arrays) are read a chunk at a time (`read_chunk`)."""
 
     def __init__(
         self,
@@ -127,28 +127,18 @@ class ChunkFiles:
                     out[row] = 0
         return out
 
-    # ---- writes ----
 
-    def encode(self, row: np.ndarray) -> bytes | None:
-        """The chunk file's bytes for `row`, or None for an all-fill row (no file, as zarr)."""
-        row = np.asarray(row, dtype=self.dtype, order="C")  # 0-d stays 0-d
-        if row.shape != self.row_shape:
-            raise ValueError(f"{self.folder}: row shape {row.shape}, expected {self.row_shape}")
-        if not row.any():
-            return None
-        raw = row.reshape(-1).view(np.uint8)
-        return bytes(self.blosc.encode(raw)) if self.blosc is not None else raw.tobytes()
-
-    def write(self, row: int, value: np.ndarray | None) -> None:
-        """Write one row's file (None: remove it, as writing the fill value does)."""
-        put(self.path(row), None if value is None else self.encode(value))
-
-
-def read_chunk_bytes(path: str) -> bytes | None:
-    """A chunk file's bytes; None when it does not exist (zarr's fill value)."""
+def read_chunk_bytes(path: str, start: int = 0, length: int | None = None) -> bytes | None:
+    """A chunk file's bytes (`length` bytes from `start`, a negative start counting from the
+    end; the whole file by default); None when the file does not exist (zarr's fill value). The
+    one function every store read of chunk or shard bytes goes through."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            if start < 0:  # from the end; a file shorter than that is read whole (damage)
+                f.seek(-min(-start, os.fstat(f.fileno()).st_size), os.SEEK_END)
+            elif start:
+                f.seek(start)
+            return f.read() if length is None else f.read(length)
     except FileNotFoundError:
         return None
 
@@ -178,19 +168,20 @@ def retry_reads(read: Callable[[], T], path: str) -> T:
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def put(path: str, data: bytes | None) -> None:
-    """Write `data` to `path` through a temporary file and a rename; None removes the file."""
+def put(path: str, data: bytes | Iterable[bytes] | None) -> None:
+    """Write `data` (bytes, or pieces written one after another: a shard is streamed, never held
+    whole) to `path` through a temporary file and a rename; None removes the file. The one
+    function every store write of chunk or shard bytes goes through."""
     if data is None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return
     tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
+    pieces = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        with open(tmp, "wb") as f:
+            for piece in pieces:
+                f.write(piece)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -198,19 +189,22 @@ def put(path: str, data: bytes | None) -> None:
         raise
 
 
-def write_all(items: Iterable[tuple[ChunkFiles, int, np.ndarray | None]]) -> None:
-    """`files.write(row, value)` for every item, many at a time (compression and file writes
+def stage_all(items: Iterable[tuple[Any, int, np.ndarray | None]]) -> None:
+    """`files.stage(row, value)` for every item, many at a time (compression and file writes
     release the GIL); returns once all are on disk, raising the first error."""
     items = list(items)
     threads = max(1, min(WRITE_THREADS, len(items) // 16))  # a thread per 16 files at least
+    if threads == 1:
+        _stage_each(items)
+        return
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for future in [pool.submit(_write_each, items[i::threads]) for i in range(threads)]:
+        for future in [pool.submit(_stage_each, items[i::threads]) for i in range(threads)]:
             future.result()
 
 
-def _write_each(items: list[tuple[ChunkFiles, int, np.ndarray | None]]) -> None:
+def _stage_each(items: list[tuple[Any, int, np.ndarray | None]]) -> None:
     for files, row, value in items:
-        files.write(row, value)
+        files.stage(row, value)
 
 
 def chunk_files(meta: dict, folder: Path, multi_row: bool = False) -> ChunkFiles | None:
@@ -236,24 +230,34 @@ def chunk_files(meta: dict, folder: Path, multi_row: bool = False) -> ChunkFiles
         and chunks[1:] == shape[1:]
         and (chunks[0] == 1 or (multi_row and chunks[0] >= 1))
     )
-    if not simple or not codecs or codecs[0].get("name") != "bytes":
+    if not simple:
         return None
+    blosc = blosc_of(codecs, dtype)
+    if blosc is False:
+        return None
+    return ChunkFiles(folder, shape, dtype, blosc, chunk_rows=chunks[0])
+
+
+def blosc_of(codecs: list, dtype: str) -> Blosc | None | bool:
+    """The Blosc codec of a chunk codec list `[bytes (little endian), blosc?]` (None when
+    uncompressed), or False when the list is anything else (then zarr reads the array)."""
+    if not codecs or codecs[0].get("name") != "bytes":
+        return False
     endian = codecs[0].get("configuration", {}).get("endian", "little")
     if endian != "little" or len(codecs) > 2:
+        return False
+    if len(codecs) == 1:
         return None
-    blosc = None
-    if len(codecs) == 2:
-        if codecs[1].get("name") != "blosc":
-            return None
-        c = codecs[1].get("configuration", {})
-        try:
-            blosc = Blosc(
-                cname=c["cname"],
-                clevel=int(c["clevel"]),
-                shuffle=_SHUFFLE[c["shuffle"]],
-                blocksize=int(c.get("blocksize", 0)),
-                typesize=int(c.get("typesize", np.dtype(dtype).itemsize)),
-            )
-        except (KeyError, TypeError, ValueError):
-            return None
-    return ChunkFiles(folder, shape, dtype, blosc, chunk_rows=chunks[0])
+    if codecs[1].get("name") != "blosc":
+        return False
+    c = codecs[1].get("configuration", {})
+    try:
+        return Blosc(
+            cname=c["cname"],
+            clevel=int(c["clevel"]),
+            shuffle=_SHUFFLE[c["shuffle"]],
+            blocksize=int(c.get("blocksize", 0)),
+            typesize=int(c.get("typesize", np.dtype(dtype).itemsize)),
+        )
+    except (KeyError, TypeError, ValueError):
+        return False

@@ -16,9 +16,11 @@ import numpy as np
 import zarr
 from cogfun.common.store.io import check_root, create_array
 from cogfun.common.store.schema import (
+    CAPTION_SHARD,
     DEFAULT_COMPRESSION,
     FAILURES_DIR,
     SCHEMA_VERSION,
+    SHARD_SAMPLES,
     STORE_FORMAT,
     BucketPlan,
     FingerprintMismatch,
@@ -58,6 +60,7 @@ def _validate_layout(layout: StoreLayout) -> None:
 def _create(
     path: Path, root_attrs: dict, plan: StorePlan, layout: StoreLayout, compression: dict
 ) -> None:
+    shard_rows, caption_rows = root_attrs["shard_samples"], root_attrs["caption_shard"]
     """Build the whole pre-sized store in a sibling folder, then rename it into place."""
     tmp = path.parent / f".{path.name}.creating"
     if tmp.exists():  # left by a creator killed mid-way; only one process ever creates
@@ -68,7 +71,8 @@ def _create(
     for b in plan.buckets:
         n = len(b.rows)
         group = buckets.create_group(b.name, attributes=_bucket_attrs(b, layout))
-        for spec in sample_specs(n, b, layout) + plan_specs(n) + shared_specs(b, layout):
+        specs = sample_specs(n, b, layout, shard_rows) + plan_specs(n) + shared_specs(b, layout)
+        for spec in specs:
             create_array(group, spec, compression)
         if n:
             prov = provenance_strings(b)
@@ -78,7 +82,7 @@ def _create(
                 [text_checksum(p) for p in prov], dtype=np.uint64
             )
     captions = root.create_group("captions")
-    for spec in caption_specs(len(plan.captions), layout):
+    for spec in caption_specs(len(plan.captions), layout, caption_rows):
         create_array(captions, spec, compression)
     captions["texts"][:] = np.asarray(plan.captions, dtype=STRINGS)
     (tmp / FAILURES_DIR).mkdir()
@@ -109,11 +113,13 @@ def open_for_write(
     layout: StoreLayout,
     create: bool,
     compression: dict | None = None,
+    shard_samples: int = SHARD_SAMPLES,
 ) -> StoreWriter:
     """Create (create=True, one process only) or resume a store; refuse different settings.
 
-    `compression` (BloscCodec arguments) only applies when the store is created; it changes no
-    decoded byte, so it is not part of the fingerprint.
+    `compression` (BloscCodec arguments) and `shard_samples` (samples per shard file) only apply
+    when the store is created; they change no decoded byte, so they are not part of the
+    fingerprint (a resumed store keeps its own).
     """
     path = Path(path)
     _validate_layout(layout)
@@ -139,11 +145,20 @@ def open_for_write(
             "captions": len(plan.captions),
             "plan_digest": digest,
             "compression": dict(compression or DEFAULT_COMPRESSION),
+            "shard_samples": int(shard_samples),
+            "caption_shard": CAPTION_SHARD,
             "created_at": now_iso(),
         }
         _create(path, root_attrs, plan, layout, dict(compression or DEFAULT_COMPRESSION))
     else:
         old = check_root(path)
+        if old["schema_version"] != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} was started by an older cogfun (store schema {old['schema_version']}, "
+                f"one file per sample); this cogfun writes schema {SCHEMA_VERSION} (sharded) and "
+                "cannot add to it: write to a new store (--out), or finish it with the cogfun "
+                "that started it"
+            )
         if old["fingerprint"] != fingerprint(settings):
             diff = settings_diff(old["settings"], settings)
             raise FingerprintMismatch(

@@ -16,6 +16,7 @@ import torch
 import zarr
 from cogfun.common.store.chunks import ChunkFiles, chunk_files, retry_reads
 from cogfun.common.store.schema import (
+    READABLE_SCHEMAS,
     SCHEMA_VERSION,
     STORE_FORMAT,
     ArraySpec,
@@ -23,6 +24,7 @@ from cogfun.common.store.schema import (
     StoreReadError,
     fingerprint,
 )
+from cogfun.common.store.shards import ShardFiles, shard_files
 from zarr.codecs import BloscCodec
 
 # Flat chunk keys (`c.17.0.0.0.0`): one file per chunk, no directory per chunk index.
@@ -86,6 +88,7 @@ def create_array(group: zarr.Group, spec: ArraySpec, compression: dict) -> zarr.
         fill_value=0,
         compressors=compressors,
         chunk_key_encoding=CHUNK_KEY_ENCODING,
+        shards=spec.shards,
     )
 
 
@@ -110,13 +113,17 @@ def open_array(group: zarr.Group, group_dir: Path, spec: ArraySpec) -> zarr.Arra
 
 def open_chunk_files(
     group_dir: Path, spec: ArraySpec, multi_row: bool = False
-) -> ChunkFiles | None:
-    """Direct access to a one-chunk-per-row array's files (or, with `multi_row`, to any array
-    chunked by whole rows, for `read_chunk`), or None (then zarr reads it)."""
-    return chunk_files(node_json(group_dir / spec.name), group_dir / spec.name, multi_row)
+) -> ChunkFiles | ShardFiles | None:
+    """Direct access to a per-sample array's files: one chunk file per row (schema 1, or with
+    `multi_row` any array chunked by whole rows, for `read_chunk`), or shard files (schema 2);
+    None for any other layout (then zarr reads it)."""
+    meta = node_json(group_dir / spec.name)
+    return shard_files(meta, group_dir / spec.name) or chunk_files(
+        meta, group_dir / spec.name, multi_row
+    )
 
 
-def read_flags(arr: zarr.Array, files: ChunkFiles | None = None) -> np.ndarray:
+def read_flags(arr: zarr.Array, files: ChunkFiles | ShardFiles | None = None) -> np.ndarray:
     """Read a (N,) checksum array; a chunk that cannot be read counts as 0 ('not written').
     With `files`, the chunk files are read directly (zarr costs ~1 ms a chunk: 100 s at 100k)."""
     if files is not None:
@@ -185,12 +192,12 @@ def check_root(path: Path) -> dict:
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"{path} was written by a newer cogfun (store schema {version}; this cogfun reads "
-            f"schema {SCHEMA_VERSION}): upgrade cogfun to read it"
+            f"schemas {', '.join(map(str, READABLE_SCHEMAS))}): upgrade cogfun to read it"
         )
-    if version < SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise StoreError(
-            f"{path} has the old store schema {version} (this cogfun reads {SCHEMA_VERSION}): "
-            "run precompute again into a new store"
+            f"{path} has the old store schema {version} (this cogfun reads "
+            f"{', '.join(map(str, READABLE_SCHEMAS))}): run precompute again into a new store"
         )
     for key in ("status", "fingerprint", "settings", "layout", "buckets", "captions"):
         if key not in attrs:
@@ -208,11 +215,29 @@ def check_root(path: Path) -> dict:
     return attrs
 
 
-def take_rows(array: Any, files: ChunkFiles | None, slots: np.ndarray) -> np.ndarray:
+def take_rows(
+    array: Any,
+    files: ChunkFiles | ShardFiles | None,
+    slots: np.ndarray,
+    parts: np.ndarray | None = None,
+) -> np.ndarray:
     """Rows `slots` of a one-chunk-per-sample array, stacked: read straight from the chunk files
     when the array has the store's simple layout (about 3x faster than zarr per chunk), else with
     plain zarr slices, one per sample (orthogonal selection fancy-indexes inside every chunk and
     was about 2x slower per sample)."""
+    if parts is not None:  # one mask variant per row: (B, 1, ...)
+        if isinstance(files, ShardFiles) and files.parts > 1:
+            return files.read_many(slots.tolist(), parts.tolist())
+        return (
+            np.stack(
+                [
+                    zarr_read(lambda s=int(s), p=int(p): np.asarray(array[s, p : p + 1]), array, s)
+                    for s, p in zip(slots, parts, strict=True)
+                ]
+            )
+            if len(slots)
+            else np.zeros((0, 1, *array.shape[2:]), dtype=array.dtype)
+        )
     if len(slots) == 0:
         return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
     if files is not None:
@@ -229,12 +254,12 @@ def zarr_read(read: Any, array: Any, row: int | None = None) -> Any:
 
 
 def failed_slot(exc: StoreReadError, slots: np.ndarray) -> int:
-    """The slot whose read failed: per-sample chunk files are named c.<slot>.0..., zarr reads
-    [<slot>]; the first slot when neither says."""
+    """The slot whose read failed: zarr reads and shard reads are named <file>[<slot>],
+    schema-1 chunk files c.<slot>.0...; the first slot when neither says."""
     name = exc.path.rsplit("/", 1)[-1]
     for candidate in (
-        name[2:].split(".", 1)[0] if name.startswith("c.") else "",
         name.rsplit("[", 1)[-1].rstrip("]") if name.endswith("]") else "",
+        name[2:].split(".", 1)[0] if name.startswith("c.") and "[" not in name else "",
     ):
         if candidate.isdigit() and int(candidate) in set(slots.tolist()):
             return int(candidate)

@@ -53,6 +53,7 @@ from cogfun.common.store.schema import (
     sample_specs,
     shared_specs,
 )
+from cogfun.common.store.shards import ShardFiles
 
 SAMPLE_ARRAYS = ("latents", "masks", "masked_latents", "all_masked")
 _SOURCE_KEYS = ("file", "file_path", "path", "source")
@@ -93,7 +94,8 @@ class StoreReader:
         self.layout = StoreLayout.from_json(root["layout"], str(self.path / "zarr.json"))
         self._root = open_root(self.path, "r")
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
-        self._files: dict[str, dict[str, ChunkFiles | None]] = {}  # per-sample arrays' files
+        # Per-sample arrays' files: shards (schema 2), one chunk file a row (schema 1), or None.
+        self._files: dict[str, dict[str, ChunkFiles | ShardFiles | None]] = {}
         self._rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}  # plan chunks
         self._shared: dict[str, np.ndarray] = {}
         self._done: dict[str, np.ndarray] = {}
@@ -161,9 +163,7 @@ class StoreReader:
                     f"{group_dir / 'done'}: the done index does not match its checksum (damaged)"
                 )
         else:  # no index yet: the done flags are the checksums themselves (scans the bucket)
-            flags = read_flags(
-                self._bucket_arrays(name, info)["checksum"], self._files[name]["checksum"]
-            )
+            flags = self._flags(self._bucket_arrays(name, info), self._files[name])
             done = (flags != 0).astype(np.uint8)
         return BucketInfo(**{**info.__dict__, "slots": np.flatnonzero(done).astype(np.int64)})
 
@@ -200,11 +200,42 @@ class StoreReader:
             s.name: open_chunk_files(group_dir, s)
             for s in sample_specs(info.planned, info, self.layout)
         }
+        self._staged(self._files[bucket])
         for s in plan_specs(info.planned):
             if s.name in ("caption", "provenance_hash"):
                 self._files[bucket][s.name] = open_chunk_files(group_dir, s, multi_row=True)
         # Last: a thread that finds the arrays finds the files too.
         self._arrays[bucket] = {s.name: open_array(group, group_dir, s) for s in specs}
+
+    def _flags(self, arrays: dict, files: dict) -> np.ndarray:
+        """The (N,) checksum values of a bucket's or the captions' arrays: sealed, and in an
+        unfinished store the staged ones too (0 = not done)."""
+        flags = read_flags(arrays["checksum"], files["checksum"])
+        staged = self._staged(files)
+        if len(staged):
+            flags[staged] = files["checksum"].read_many(staged.tolist())
+        return flags
+
+    def done_flags(self, bucket: str) -> np.ndarray:
+        """(N,) uint64 checksums of every planned slot of `bucket` (0: not done), for scans."""
+        return self._flags(self._bucket_arrays(bucket), self._files[bucket])
+
+    def caption_flags(self) -> np.ndarray:
+        """(M,) uint64 checksums of every caption (0: not written), for scans."""
+        return self._flags(self._caption_arrays(), self._files["\0captions"])
+
+    def _staged(self, files: dict) -> np.ndarray:
+        """In an unfinished store, the rows a precompute has staged but not yet sealed into
+        their shards: read from the staged files (`inspect` of a store being written). Sealed
+        stores and schema-1 stores have none."""
+        flags = files.get("checksum")
+        if self.status == "complete" or not isinstance(flags, ShardFiles):
+            return np.zeros(0, dtype=np.int64)
+        rows = flags.staged_rows()
+        for f in files.values():
+            if isinstance(f, ShardFiles):
+                f.use_staged(rows)
+        return rows
 
     def _caption_arrays(self) -> dict[str, zarr.Array]:
         if "\0captions" not in self._arrays:
@@ -219,6 +250,7 @@ class StoreReader:
                         for s in specs
                         if s.name in ("embeddings", "checksum")
                     }
+                    self._staged(self._files["\0captions"])
                     self._arrays["\0captions"] = {
                         s.name: open_array(group, folder, s) for s in specs
                     }

@@ -11,7 +11,7 @@ import json
 from typing import TYPE_CHECKING
 
 import numpy as np
-from cogfun.common.store.io import disk_bytes, read_flags
+from cogfun.common.store.io import disk_bytes
 from cogfun.common.store.schema import (
     FAILURES_DIR,
     DamagedSample,
@@ -124,7 +124,6 @@ def verify(reader: StoreReader) -> list[tuple[str, int, str]]:
     needed: set[int] = set()
     for name, info in reader.buckets.items():
         try:
-            arrays = reader._bucket_arrays(name)
             captions, prov_hash = reader._plan_rows(name)
         except StoreError as exc:
             found[(name, -1)] = str(exc)
@@ -134,7 +133,7 @@ def verify(reader: StoreReader) -> list[tuple[str, int, str]]:
         except StoreError as exc:  # the samples themselves can still be checked
             found[(name, -1)] = str(exc)
             provenance = None
-        flags = read_flags(arrays["checksum"], reader._files[name]["checksum"])
+        flags = reader.done_flags(name)
         listed = np.zeros(info.planned, dtype=bool)
         listed[info.slots] = True
         for s in np.flatnonzero(listed & (flags == 0)):
@@ -180,7 +179,7 @@ def summary(reader: StoreReader) -> dict:
                 "bytes": disk_bytes(reader.path / "buckets" / name),
             }
         )
-    captions_written = int((read_flags(reader._caption_arrays()["checksum"]) != 0).sum())
+    captions_written = int((reader.caption_flags() != 0).sum())
     raw += captions_written * layout.text_len * layout.text_dim * 2
     total = disk_bytes(reader.path)
     try:

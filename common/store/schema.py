@@ -17,13 +17,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-sample arrays sharded (common/store/shards.py); 1 is still read
+READABLE_SCHEMAS = (1, 2)
 STORE_FORMAT = "cogfun-store"  # root attribute `format`: tells a cogfun store from any Zarr group
 FAILURES_DIR = "failures"  # one JSON file per failed input, beside the Zarr nodes
 
 # Plan-level arrays are written once at creation by one process, so they may hold many rows a chunk.
 PLAN_CHUNK_ROWS = 65536
 PROVENANCE_CHUNK_ROWS = 1024  # string arrays (provenance, caption texts)
+# Samples per shard file. Each inpaint shard is 5 files (latents, masks, masked_latents,
+# all_masked, checksum), so 384 samples keep a store at 5/384 (< 1/64) files per sample; rounded up
+# to whole `vae_mini_batch` chunks, the unit one process encodes (`shard_size`).
+SHARD_SAMPLES = 384
+CAPTION_SHARD = 1024  # caption embeddings per shard file (a multiple of precompute's T5 batch)
 DEFAULT_COMPRESSION = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -215,7 +221,9 @@ def settings_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 
 def latent_shape_of(frames: int, height: int, width: int) -> tuple[int, int, int]:
     """(F_lat, h, w) of a pixel clip: F_lat = (F - 1) // 4 + 1, h = H // 8, w = W // 8."""
-    return (frames - 1) // 4 + 1, height // 8, width // 8
+    from cogfun.common.geometry import latent_shape_of as rule  # the rule's one home
+
+    return rule(frames, height, width)
 
 
 def validate_plan(plan: StorePlan, where: str) -> None:
@@ -266,27 +274,49 @@ def plan_digest(plan: StorePlan) -> str:
 # ---- array specs: the one declaration of every array's shape, dtype and chunking ----
 
 
+def shard_size(samples: int, vae_mini_batch: int) -> int:
+    """Rows per shard: `samples` rounded up to whole VAE chunks, so that one process, the shard's
+    owner, encodes every sample of a shard."""
+    if samples < 1 or vae_mini_batch < 1:
+        raise StoreError(f"shard size {samples} and vae_mini_batch {vae_mini_batch} must be >= 1")
+    return -(-samples // vae_mini_batch) * vae_mini_batch
+
+
 @dataclass(frozen=True)
 class ArraySpec:
+    """One array: `chunks` is the chunk (the inner chunk when `shards` is given: the shape of a
+    shard file, schema 2's per-sample arrays)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
     chunks: tuple[int, ...]
     compressed: bool = True
+    shards: tuple[int, ...] | None = None
 
 
-def sample_specs(n: int, b: BucketPlan | BucketInfo, layout: StoreLayout) -> list[ArraySpec]:
-    """Per-sample arrays of one bucket, one chunk per sample; `checksum` is the done flag."""
+def sample_specs(
+    n: int, b: BucketPlan | BucketInfo, layout: StoreLayout, shard_rows: int | None = None
+) -> list[ArraySpec]:
+    """Per-sample arrays of one bucket; `checksum` is the done flag. With `shard_rows` (how a store
+    is written) `shard_rows` samples share a file, inside it one chunk per sample and, for the
+    mask variants, per variant; without, the schema-1 layout of one chunk (file) per sample."""
     f, h, w = _lat(b)
     cs, k = layout.stored_channels, layout.masks_per_sample
-    specs = [ArraySpec("latents", (n, f, cs, h, w), "uint16", (1, f, cs, h, w))]
+    kk = 1 if shard_rows else k  # mask variants per chunk
+
+    def spec(name: str, row: tuple, dtype: str, chunk: tuple, compressed: bool = True):
+        shards = (shard_rows, *row) if shard_rows else None
+        return ArraySpec(name, (n, *row), dtype, (1, *chunk), compressed, shards)
+
+    specs = [spec("latents", (f, cs, h, w), "uint16", (f, cs, h, w))]
     if k:
         specs += [
-            ArraySpec("masks", (n, k, f, 1, h, w), "uint16", (1, k, f, 1, h, w)),
-            ArraySpec("masked_latents", (n, k, f, cs, h, w), "uint16", (1, k, f, cs, h, w)),
-            ArraySpec("all_masked", (n, k), "uint8", (1, k)),
+            spec("masks", (k, f, 1, h, w), "uint16", (kk, f, 1, h, w)),
+            spec("masked_latents", (k, f, cs, h, w), "uint16", (kk, f, cs, h, w)),
+            spec("all_masked", (k,), "uint8", (k,)),
         ]
-    specs.append(ArraySpec("checksum", (n,), "uint64", (1,), compressed=False))
+    specs.append(spec("checksum", (), "uint64", (), compressed=False))
     return specs
 
 
@@ -318,12 +348,14 @@ def shared_specs(b: BucketPlan | BucketInfo, layout: StoreLayout) -> list[ArrayS
     ]
 
 
-def caption_specs(m: int, layout: StoreLayout) -> list[ArraySpec]:
+def caption_specs(m: int, layout: StoreLayout, shard_rows: int | None = None) -> list[ArraySpec]:
+    """The caption arrays; with `shard_rows`, embeddings and checksums sharded like samples."""
     ld = (layout.text_len, layout.text_dim)
+    shards = (lambda *row: (shard_rows, *row)) if shard_rows else (lambda *row: None)
     return [
-        ArraySpec("embeddings", (m, *ld), "uint16", (1, *ld)),
+        ArraySpec("embeddings", (m, *ld), "uint16", (1, *ld), shards=shards(*ld)),
         ArraySpec("texts", (m,), "str", (max(1, min(m, PROVENANCE_CHUNK_ROWS)),)),
-        ArraySpec("checksum", (m,), "uint64", (1,), compressed=False),
+        ArraySpec("checksum", (m,), "uint64", (1,), compressed=False, shards=shards()),
     ]
 
 

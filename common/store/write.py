@@ -1,9 +1,11 @@
 """Writing planned slots of an existing store (`StoreWriter`).
 
-Private helper of `cogfun.common.store`. Crash safety comes from the order of writes: each sample's
-arrays are written before its checksum (the done flag), and `finalize` writes the per-bucket done
-index and sets `status: complete` last. zarr writes every file through a temporary name and a
-rename, so a `kill -9` leaves either the old or the new file, never a torn one.
+Private helper of `cogfun.common.store`. Crash safety comes from the order of writes. A sample's
+arrays are staged before its checksum (the done flag, `shards.ShardFiles.stage`); a shard is sealed
+(its staged samples streamed into one file per array, checksum array last) by the one process that
+owns it; `finalize` writes the per-bucket done index and sets `status: complete` last. Every file
+goes through a temporary name and a rename, so a `kill -9` leaves either the old or the new file,
+never a torn one, and each sample reads as staged, sealed or not done.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from cogfun.common.store.chunks import ChunkFiles, write_all
+from cogfun.common.store.chunks import stage_all
 from cogfun.common.store.io import (
     open_array,
     open_chunk_files,
@@ -29,6 +31,7 @@ from cogfun.common.store.io import (
 )
 from cogfun.common.store.schema import (
     FAILURES_DIR,
+    ArraySpec,
     BucketPlan,
     StoreError,
     StoreLayout,
@@ -43,6 +46,7 @@ from cogfun.common.store.schema import (
     shared_specs,
     text_checksum,
 )
+from cogfun.common.store.shards import ShardFiles
 
 
 def now_iso() -> str:
@@ -50,7 +54,8 @@ def now_iso() -> str:
 
 
 class StoreWriter:
-    """Writes planned slots of an existing store. Several processes may write disjoint slots."""
+    """Writes planned slots of an existing store. Several processes may stage disjoint slots; each
+    shard is sealed by the one process that owns it (`owns`)."""
 
     def __init__(self, path: Path, plan: StorePlan, layout: StoreLayout):
         self.path = path
@@ -59,11 +64,22 @@ class StoreWriter:
         self.root = open_root(path, "r+")
         self._plans = {b.name: b for b in plan.buckets}
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
-        self._files: dict[str, dict[str, ChunkFiles | None]] = {}  # per-sample arrays' files
+        self._files: dict[str, dict[str, ShardFiles]] = {}  # per-sample arrays' shard files
         self._prov_hash: dict[str, np.ndarray] = {}
         self._shared_ok: set[str] = set()
         # Slots seen without a done flag and not written since: no flag to clear before a write.
         self._known_empty: dict[str, np.ndarray] = {}
+        self._caption_done: np.ndarray | None = None
+        self.shard_rows = int(self.root.attrs.get("shard_samples", 0))
+        self.caption_shard_rows = int(self.root.attrs.get("caption_shard", 0))
+        # Global shard numbers, buckets in plan order then the captions: shard g is owned by
+        # process g % world.
+        self._first_shard: dict[str, int] = {}
+        first = 0
+        for b in plan.buckets:
+            self._first_shard[b.name] = first
+            first += -(-len(b.rows) // self.shard_rows) if self.shard_rows else 0
+        self._first_shard["\0captions"] = first
 
     # ---- lookups ----
 
@@ -90,33 +106,68 @@ class StoreWriter:
             specs += shared_specs(b, self.layout)
             self._arrays[bucket] = {s.name: open_array(group, group_dir, s) for s in specs}
             self._files[bucket] = {
-                s.name: open_chunk_files(group_dir, s)
+                s.name: self._shard_files(group_dir, s)
                 for s in sample_specs(len(b.rows), b, self.layout)
             }
             prov = provenance_strings(b)
             self._prov_hash[bucket] = np.asarray([text_checksum(p) for p in prov], dtype=np.uint64)
         return self._arrays[bucket]
 
+    def _shard_files(self, folder: Path, spec: ArraySpec) -> ShardFiles:
+        files = open_chunk_files(folder, spec)
+        if not isinstance(files, ShardFiles):
+            raise StoreError(
+                f"{folder / spec.name / 'zarr.json'}: not the sharded layout this cogfun writes "
+                "(edited, or made by another writer): write to a new store"
+            )
+        return files
+
     def _captions(self) -> dict[str, zarr.Array]:
         if "\0captions" not in self._arrays:
-            group = open_group(self.root, "captions", self.path / "captions")
+            folder = self.path / "captions"
+            group = open_group(self.root, "captions", folder)
             specs = caption_specs(len(self.plan.captions), self.layout)
-            self._arrays["\0captions"] = {
-                s.name: open_array(group, self.path / "captions", s) for s in specs
+            self._files["\0captions"] = {
+                s.name: self._shard_files(folder, s)
+                for s in specs
+                if s.name in ("embeddings", "checksum")
             }
+            self._arrays["\0captions"] = {s.name: open_array(group, folder, s) for s in specs}
         return self._arrays["\0captions"]
+
+    # ---- ownership ----
+
+    def shard_of(self, bucket: str, slot: int) -> int:
+        """The global number of the shard that holds `bucket`/`slot`."""
+        return self._first_shard[bucket] + int(slot) // self.shard_rows
+
+    def caption_shard_of(self, i: int) -> int:
+        return self._first_shard["\0captions"] + int(i) // self.caption_shard_rows
+
+    @staticmethod
+    def owns(shard: int, rank: int, world: int) -> bool:
+        """Whether process `rank` of `world` writes (seals) global shard `shard`."""
+        return shard % world == rank
 
     # ---- state ----
 
     def done_slots(self, bucket: str) -> np.ndarray:
-        """(N,) bool: slots whose done flag (checksum) is written, read fresh from disk."""
-        checksums = self._group_arrays(bucket)["checksum"]
-        done = read_flags(checksums, self._files[bucket]["checksum"]) != 0
+        """(N,) bool: slots whose done flag (checksum) is sealed or staged, read fresh from disk."""
+        self._group_arrays(bucket)
+        flags = self._files[bucket]["checksum"]
+        done = read_flags(self._arrays[bucket]["checksum"], flags) != 0
+        done[flags.staged_rows()] = True
         self._known_empty[bucket] = ~done
         return done
 
     def caption_done(self, i: int) -> bool:
-        return int(self._captions()["checksum"][int(i)]) != 0
+        if self._caption_done is None:
+            self._captions()
+            flags = self._files["\0captions"]["checksum"]
+            done = read_flags(self._arrays["\0captions"]["checksum"], flags) != 0
+            done[flags.staged_rows()] = True
+            self._caption_done = done
+        return bool(self._caption_done[int(i)])
 
     def has_all_masked(self, bucket: str) -> bool:
         if bucket not in self._shared_ok and self.layout.masks_per_sample:
@@ -127,7 +178,7 @@ class StoreWriter:
     # ---- writes ----
 
     def write_caption(self, i: int, embed: Any) -> None:
-        """Store caption i's T5 embedding (L, D); its checksum is written last."""
+        """Stage caption i's T5 embedding (L, D); its checksum is staged last."""
         i = int(i)
         if not 0 <= i < len(self.plan.captions):
             raise StoreError(
@@ -135,10 +186,13 @@ class StoreWriter:
             )
         shape = (self.layout.text_len, self.layout.text_dim)
         bits = to_bits(embed, shape, f"caption {i} embedding")
-        arrays = self._captions()
-        arrays["checksum"][i] = 0
-        arrays["embeddings"][i] = bits
-        arrays["checksum"][i] = caption_checksum(i, bits)
+        self._captions()
+        files = self._files["\0captions"]
+        files["checksum"].stage(i, None)
+        files["embeddings"].stage(i, bits)
+        files["checksum"].stage(i, np.asarray(caption_checksum(i, bits), dtype=np.uint64))
+        if self._caption_done is not None:
+            self._caption_done[i] = True
 
     def write_all_masked(self, bucket: str, moments: Any) -> None:
         """Store the bucket's one all-masked masked-video latent (F_lat, 2C|C, h, w)."""
@@ -162,31 +216,24 @@ class StoreWriter:
         masked_latents: Any = None,
         all_masked: Any = None,
     ) -> None:
-        """Store one sample: latents (F_lat, 2C|C, h, w); in inpaint stores also masks
+        """Stage one sample: latents (F_lat, 2C|C, h, w); in inpaint stores also masks
         (K, F_lat, 1, h, w), masked_latents (K, F_lat, 2C|C, h, w) and all_masked (K,)."""
-
         b = self._bucket(bucket)
-        f, cs, h, w, k = (
-            b.latent_frames,
-            self.layout.stored_channels,
-            b.latent_h,
-            b.latent_w,
-            self.layout.masks_per_sample,
-        )
+        f, cs, h, w = b.latent_frames, self.layout.stored_channels, b.latent_h, b.latent_w
+        k = self.layout.masks_per_sample
         where = f"sample {bucket}/{slot}"
         self._check_mode(where, masks, masked_latents, all_masked)
         lat = to_bits(latents, (f, cs, h, w), f"latents of {where}")[None]
         if not k:
-            self._write_samples(bucket, [slot], lat, direct=False)
+            self.write_samples(bucket, [slot], lat)
             return
-        self._write_samples(
+        self.write_samples(
             bucket,
             [slot],
             lat,
             to_bits(masks, (k, f, 1, h, w), f"masks of {where}")[None],
             to_bits(masked_latents, (k, f, cs, h, w), f"masked_latents of {where}")[None],
             to_flags(all_masked, (k,), f"all_masked of {where}")[None],
-            direct=False,
         )
 
     def _check_mode(self, where: str, *mask_args: Any) -> None:
@@ -207,25 +254,10 @@ class StoreWriter:
         masked_latents: Any = None,
         all_masked: Any = None,
     ) -> None:
-        """Store B samples of one bucket at once (each argument of `write_sample` with a leading B
-        dim): the bulk path. Every array goes before any checksum. The chunk files are written
-        directly, many at a time (`store_chunks`), the same bytes zarr would write: a 100k-sample
-        store takes seconds instead of minutes. `write_sample`, one sample at a time as precompute
-        writes, goes through zarr's own writer (its cost is small next to an encode, and every
-        precompute write stays visible to a hook on zarr's writer, as the reliability tests use)."""
-        self._write_samples(bucket, slots, latents, masks, masked_latents, all_masked, direct=True)
-
-    def _write_samples(
-        self,
-        bucket: str,
-        slots: Any,
-        latents: Any,
-        masks: Any = None,
-        masked_latents: Any = None,
-        all_masked: Any = None,
-        *,
-        direct: bool,
-    ) -> None:
+        """Stage B samples of one bucket (each argument of `write_sample` with a leading B dim).
+        Three rounds, each many files at a time: clear stale done flags, every array's chunks,
+        then the checksums (a round ends when all its files are on disk, so no checksum exists
+        before its sample's arrays). The shard is written when its owner seals it."""
         b = self._bucket(bucket)
         slots = [self._slot(b, s) for s in np.asarray(slots, dtype=np.int64).reshape(-1)]
         if len(set(slots)) != len(slots):
@@ -247,7 +279,7 @@ class StoreWriter:
             data["masks"] = to_bits(masks, (n, k, f, 1, h, w), f"masks of {where}")
             data["masked_latents"] = stored
             data["all_masked"] = flags
-        arrays = self._group_arrays(bucket)
+        self._group_arrays(bucket)
         sums = np.asarray(
             [
                 sample_checksum(
@@ -266,19 +298,64 @@ class StoreWriter:
         stale = index[~empty[index]]
         empty[index] = False  # before any write: a failed write must not leave them 'known empty'
         files = self._files[bucket]
-        if direct and all(files[name] is not None for name in [*data, "checksum"]):
-            _write_direct(
-                {n: f for n, f in files.items() if f is not None}, stale, index, data, sums
-            )
-            return
-        # Clear done flags first so a rewrite killed half-way reads as 'not done', not damaged.
-        if len(stale):
-            arrays["checksum"].set_orthogonal_selection(
-                (stale,), np.zeros(len(stale), dtype=np.uint64)
-            )
-        for name, array in data.items():
-            arrays[name].set_orthogonal_selection((index,), array)
-        arrays["checksum"].set_orthogonal_selection((index,), sums)
+        flags_files = files["checksum"]
+        stage_all((flags_files, int(s), None) for s in stale)
+        stage_all(
+            (files[name], int(s), rows[i])
+            for name, rows in data.items()
+            for i, s in enumerate(index.tolist())
+        )
+        stage_all((flags_files, int(s), sums[i]) for i, s in enumerate(index.tolist()))
+
+    # ---- sealing ----
+
+    def seal(self, bucket: str, shard: int) -> None:
+        """Write bucket `bucket`'s shard `shard` (local number) whole from its staged samples and
+        the still-valid samples of its previous version, checksum array last; then drop the
+        staged files. Only the shard's owner may call this while other processes write."""
+        self._group_arrays(bucket)
+        self._seal(self._files[bucket], shard)
+
+    def seal_captions(self, shard: int) -> None:
+        self._captions()
+        self._seal(self._files["\0captions"], shard)
+
+    def _seal(self, files: dict[str, ShardFiles], shard: int) -> None:
+        flags = files["checksum"]
+        lo, hi = shard * flags.shard_rows, min((shard + 1) * flags.shard_rows, flags.rows)
+        rows = range(lo, hi)
+        staged = {int(r) for r in flags.staged_rows() if lo <= r < hi}
+        sealed = flags.shard_values(shard)
+        kept = {r for r in rows if sealed[r - lo] != 0 and r not in staged}
+        for name, f in files.items():
+            if name != "checksum":
+                f.seal(shard, staged, kept)
+        flags.seal(shard, staged, kept)
+        for f in files.values():
+            f.unstage(rows)
+
+    def seal_owned(self, rank: int, world: int) -> int:
+        """Seal every shard process `rank` of `world` owns that has staged samples (the end of a
+        process's encoding, and a resumed run's leftovers); returns how many were sealed."""
+        sealed = 0
+        for b in self.plan.buckets:
+            self._group_arrays(b.name)
+            for shard in self._staged_shards(self._files[b.name]["checksum"]):
+                if self.owns(self._first_shard[b.name] + shard, rank, world):
+                    self.seal(b.name, shard)
+                    sealed += 1
+        self._captions()
+        for shard in self._staged_shards(self._files["\0captions"]["checksum"]):
+            if self.owns(self._first_shard["\0captions"] + shard, rank, world):
+                self.seal_captions(shard)
+                sealed += 1
+        return sealed
+
+    @staticmethod
+    def _staged_shards(flags: ShardFiles) -> list[int]:
+        """Shards with any staged file of any array: the checksum array's, and leftovers of a
+        write killed before its checksum (sealing drops them)."""
+        return sorted({int(r) // flags.shard_rows for r in flags.staged_rows()})
 
     def record_failure(self, key: str, file: str, reason: str, row: int | None) -> None:
         """Record a failed input once per key (one JSON file per key: safe across processes)."""
@@ -299,6 +376,7 @@ class StoreWriter:
 
     def finalize(self) -> None:
         """Write each bucket's done index, check captions, then set `status: complete` (last)."""
+        self.seal_owned(0, 1)  # every process is done: a shard left staged is sealed here
         counts, index_sums, needed = {}, {}, set()
         for b in self.plan.buckets:
             arrays = self._group_arrays(b.name)
@@ -310,6 +388,7 @@ class StoreWriter:
             needed.update(b.rows[s].caption for s in np.flatnonzero(done))
         if sum(counts.values()):
             needed.add(0)  # caption dropout needs the empty caption whenever anything is stored
+        self._caption_done = None  # read the sealed flags afresh
         missing = sorted(i for i in needed if not self.caption_done(i))
         if missing:
             shown = ", ".join(f"{i} ({self.plan.captions[i][:40]!r})" for i in missing[:5])
@@ -324,23 +403,3 @@ class StoreWriter:
                 "status": "complete",
             }
         )
-
-
-def _write_direct(
-    files: dict[str, ChunkFiles],
-    stale: np.ndarray,
-    index: np.ndarray,
-    data: dict[str, np.ndarray],
-    sums: np.ndarray,
-) -> None:
-    """The zarr path's writes in the same three rounds, each round many files at a time: clear
-    stale done flags, then every array chunk, then the checksums (a round ends when all its files
-    are on disk, so no checksum exists before its sample's arrays)."""
-    flags = files["checksum"]
-    write_all((flags, int(s), None) for s in stale)
-    write_all(
-        (files[name], int(s), rows[i])
-        for name, rows in data.items()
-        for i, s in enumerate(index.tolist())
-    )
-    write_all((flags, int(s), sums[i]) for i, s in enumerate(index.tolist()))

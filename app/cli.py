@@ -11,9 +11,9 @@ from importlib.metadata import version as _dist_version
 from pathlib import Path
 
 import typer
-from cogfun.common.sample_cli import register as _register_sampling
-from cogfun.common.stage_command import add_stage_command
-from cogfun.common.stage_flags import TRAIN_STORE_SKIP, foreign_flags
+from cogfun.app.sample_cli import register as _register_sampling
+from cogfun.app.stage_command import add_stage_command
+from cogfun.app.stage_flags import TRAIN_STORE_SKIP, foreign_flags
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.train.config import TrainConfig
 
@@ -59,7 +59,7 @@ def tiny_model(
     ),
 ) -> None:
     """Write a random-weight miniature CogVideoX-Fun model folder (runs in seconds on a CPU)."""
-    from cogfun.common.tiny import VARIANTS, write_tiny_model
+    from cogfun.testing.tiny import VARIANTS, write_tiny_model
 
     if variant not in VARIANTS:
         raise typer.BadParameter(
@@ -108,11 +108,12 @@ add_stage_command(
 
 
 def _run_train(cfg: TrainConfig, store_options: dict) -> None:
+    from cogfun.app.store_build import StoreOptions
     from cogfun.train.divergence import EXIT_DIVERGED, TrainingDiverged
     from cogfun.train.run import REFUSALS, run
 
     try:
-        run(cfg, store_options)
+        run(cfg, StoreOptions(store_options))
     except REFUSALS as err:
         typer.echo(f"cogfun train: {err}", err=True)
         raise typer.Exit(2) from err
@@ -158,7 +159,7 @@ def demo(
     steps: int = typer.Option(20, "--steps", help="Training steps."),
 ) -> None:
     """Tiny model + generated clips -> precompute -> train -> inspect, on CPU in about a minute."""
-    from cogfun.common.demo import run_demo
+    from cogfun.app.demo import run_demo
 
     run_demo(workdir, steps=steps, echo=lambda msg: typer.echo(msg, err=True))
 
@@ -173,12 +174,12 @@ def doctor(
     ),
 ) -> None:
     """Check this install: versions against cogfun's ranges, CUDA devices, bf16, DeepSpeed ops."""
-    from cogfun.common.doctor import run_doctor
+    from cogfun.app.doctor import run_doctor
 
     raise typer.Exit(run_doctor(as_json=as_json, require_cuda=require_cuda))
 
 
-_register_sampling(app)  # `cogfun sample` and `cogfun encode-prompts` (common/sample_cli.py)
+_register_sampling(app)  # `cogfun sample` and `cogfun encode-prompts` (app/sample_cli.py)
 
 
 @app.command("merge-lora")

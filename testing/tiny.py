@@ -97,14 +97,15 @@ def _part_seed(seed: int, part: str) -> int:
 
 
 @contextmanager
-def _seeded(seed: int, part: str) -> Iterator[None]:
+def seeded(seed: int, part: str) -> Iterator[None]:
     """Seed torch's global RNG for one part's init without disturbing the caller's RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_part_seed(seed, part))
         yield
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
+    """Writes `obj` indented with sorted keys: the same object always gives the same bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -123,21 +124,21 @@ def _vocab() -> list[tuple[str, float]]:
     return vocab
 
 
-def _write_tokenizer(folder: Path) -> int:
+def write_tokenizer(folder: Path) -> int:
     """Saves a T5 unigram tokenizer (no sentencepiece model needed); returns its vocab size."""
     from transformers import T5Tokenizer
 
     tok = T5Tokenizer(vocab=_vocab(), extra_ids=0, model_max_length=MAX_TEXT_LEN)
     tok.save_pretrained(str(folder))
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        _normalize_json(folder / name)
+        normalize_json(folder / name)
     return len(tok)
 
 
-def _normalize_json(path: Path) -> None:
+def normalize_json(path: Path) -> None:
     """Rewrites a saved JSON with sorted keys, so file bytes never depend on dict insertion order."""
     if path.is_file():
-        _write_json(path, json.loads(path.read_text()))
+        write_json(path, json.loads(path.read_text()))
 
 
 def _write_text_encoder(folder: Path, vocab_size: int, seed: int) -> None:
@@ -160,10 +161,10 @@ def _write_text_encoder(folder: Path, vocab_size: int, seed: int) -> None:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    with _seeded(seed, "text_encoder"):
+    with seeded(seed, "text_encoder"):
         model = T5EncoderModel(config).eval()
     model.save_pretrained(str(folder))
-    _normalize_json(folder / "config.json")
+    normalize_json(folder / "config.json")
 
 
 def _transformer_config(spec: _Variant) -> dict:
@@ -205,19 +206,19 @@ def _transformer_config(spec: _Variant) -> dict:
 def _write_transformer(folder: Path, spec: _Variant, seed: int) -> None:
     from diffusers import CogVideoXTransformer3DModel
 
-    with _seeded(seed, "transformer"):
+    with seeded(seed, "transformer"):
         model = CogVideoXTransformer3DModel(**_transformer_config(spec))
     model.save_pretrained(str(folder))
     # Real Fun checkpoints carry this key (true from V1.1); plain diffusers ignores it with a warning.
     config = json.loads((folder / "config.json").read_text())
     config["add_noise_in_inpaint_model"] = spec.add_noise_in_inpaint_model
-    _write_json(folder / "config.json", config)
+    write_json(folder / "config.json", config)
 
 
 def _write_vae(folder: Path, spec: _Variant, seed: int) -> None:
     from diffusers import AutoencoderKLCogVideoX
 
-    with _seeded(seed, "vae"):
+    with seeded(seed, "vae"):
         model = AutoencoderKLCogVideoX(
             block_out_channels=(8, 8, 8, 8),
             layers_per_block=1,
@@ -227,7 +228,7 @@ def _write_vae(folder: Path, spec: _Variant, seed: int) -> None:
             scaling_factor=spec.vae_scaling,
         )
     model.save_pretrained(str(folder))
-    _normalize_json(folder / "config.json")
+    normalize_json(folder / "config.json")
 
 
 def _scheduler_config(spec: _Variant) -> dict:
@@ -261,6 +262,18 @@ _MODEL_INDEX = {
 }
 
 
+def write_pipeline_files(out_dir: str | Path, variant: str = "2b-inp") -> None:
+    """Writes `scheduler/scheduler_config.json` and `model_index.json` of a `variant` model folder.
+
+    Public with `write_tokenizer`, `seeded`, `write_json` and `normalize_json` so that every
+    generated model folder (the benchmarks' proportional and wide models too) shares one tokenizer,
+    scheduler and seeding scheme.
+    """
+    out = Path(out_dir)
+    write_json(out / "scheduler" / "scheduler_config.json", _scheduler_config(_VARIANTS[variant]))
+    write_json(out / "model_index.json", _MODEL_INDEX)
+
+
 def write_tiny_model(out_dir: str | Path, variant: str = "2b-inp", seed: int = 0) -> Path:
     """Writes a tiny random-weight model folder and returns its path.
 
@@ -280,10 +293,9 @@ def write_tiny_model(out_dir: str | Path, variant: str = "2b-inp", seed: int = 0
         if (out / part).exists():
             shutil.rmtree(out / part)
 
-    vocab_size = _write_tokenizer(out / "tokenizer")
+    vocab_size = write_tokenizer(out / "tokenizer")
     _write_text_encoder(out / "text_encoder", vocab_size, seed)
     _write_transformer(out / "transformer", spec, seed)
     _write_vae(out / "vae", spec, seed)
-    _write_json(out / "scheduler" / "scheduler_config.json", _scheduler_config(spec))
-    _write_json(out / "model_index.json", _MODEL_INDEX)
+    write_pipeline_files(out, variant)
     return out

@@ -62,7 +62,7 @@ def _embeddings(
             )
         i = req.prompt_index
         return loaded.embeds[i : i + 1], loaded.negative_embeds
-    from cogfun.common.sample_cli import _encode_texts
+    from cogfun.app.sample_cli import _encode_texts
 
     embeds = _encode_texts(req.model, [req.prompt or "", req.negative_prompt], device, dtype)
     return embeds[:1], embeds[1:]
@@ -159,8 +159,9 @@ def run_sample(
     say: Callable[[str], None],
 ) -> Path:
     """Generate one video as `req` asks and write it; returns the mp4 path."""
+    from cogfun.common.geometry import latent_shape_of
     from cogfun.common.models import check_model_folder, load_vae
-    from cogfun.common.sampling import generate, initial_latents, latent_frames
+    from cogfun.common.sampling import generate, initial_latents
     from cogfun.common.schedulers import build_scheduler, scheduler_config
 
     parts = ["vae", "scheduler"]
@@ -185,13 +186,8 @@ def run_sample(
     vae = load_vae(root, dtype=dtype).to(device)
     scheduler = build_scheduler(req.scheduler, scheduler_config(root))
     generator = torch.Generator(device).manual_seed(req.seed)
-    shape = (
-        1,
-        latent_frames(size.frames),
-        vae.config.latent_channels,
-        size.height // 8,
-        size.width // 8,
-    )
+    f_lat, h, w = latent_shape_of(size.frames, size.height, size.width)
+    shape = (1, f_lat, vae.config.latent_channels, h, w)
     say(
         f"{size.frames} frames at {size.height}x{size.width}, {req.num_inference_steps} "
         f"{req.scheduler} steps, guidance {req.guidance_scale}, seed {req.seed}, {device} {dtype}"

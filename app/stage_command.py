@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import click
 import typer
-from cogfun.common.options import (
+from cogfun.app.options import (
     ForeignFlag,
     flag_names,
     is_required,

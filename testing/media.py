@@ -3,7 +3,7 @@
 Everything is generated offline and seeded: the same arguments give the same bytes (libx264 and the
 PNG/JPEG encoders are deterministic for a fixed input).
 
-    from cogfun.common.media import make_sample_dataset
+    from cogfun.testing.media import make_sample_dataset
     meta = make_sample_dataset("/tmp/data")     # /tmp/data/metadata.json + videos/ + images/
 
 Videos hold moving content (a drifting two-colour gradient and a bouncing square), so consecutive

@@ -10,15 +10,19 @@ store is `--latents`) and, before training:
 - refuses a complete store written with other settings, naming each difference;
 - otherwise runs precompute with those settings on every launched process (it shares the work by
   rank under `accelerate launch`, resumes an interrupted store and refuses one with other settings).
+
+It is where the two stages meet, so it lives in the app layer: training takes a `StoreOptions`
+(`cogfun.train.setup.StoreSource`) and never imports precompute.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cogfun.common.options import flag_names
+from cogfun.app.options import flag_names
 from cogfun.common.store.schema import FingerprintMismatch, fingerprint, settings_diff
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.train.config import TrainConfig
@@ -26,6 +30,22 @@ from cogfun.train.preflight import TrainRefused
 from cogfun.train.stores import parse_latents
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """The `cogfun precompute` options given to `cogfun train` (empty: train the store at
+    --latents as it is), as the `StoreSource` `cogfun.train.setup.setup` calls."""
+
+    values: dict[str, Any]
+
+    def check(self, cfg: TrainConfig) -> None:
+        check_store_options(self.values, cfg.latents)
+
+    def ensure(self, cfg: TrainConfig) -> None:
+        build = store_config(cfg, self.values)
+        if build is not None:
+            ensure_store(build)
 
 
 def check_store_options(values: dict[str, Any], latents: Path | list[Path]) -> None:

@@ -74,10 +74,10 @@ def train_config(paths: DemoPaths, steps: int) -> TrainConfig:
 def run_demo(workdir: Path, *, steps: int = 20, fresh: bool = True, echo=print) -> DemoPaths:
     """Run every stage; returns where everything is. `fresh` deletes an earlier demo first."""
     import torch
-    from cogfun.common.media import make_sample_dataset
-    from cogfun.common.tiny import write_tiny_model
     from cogfun.precompute.inspect import inspect_store
     from cogfun.precompute.run import run as run_precompute
+    from cogfun.testing.media import make_sample_dataset
+    from cogfun.testing.tiny import write_tiny_model
     from cogfun.train.run import run as run_train
 
     paths = DemoPaths(Path(workdir))

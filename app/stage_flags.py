@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from cogfun.common.options import ForeignFlag
+from cogfun.app.options import ForeignFlag
 
 _ENCODERS_ONCE = "the VAE and T5 run once, in `cogfun precompute`, not during training"
 _UNUSED = "the original parses it but never uses it"

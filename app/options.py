@@ -1,11 +1,12 @@
 """Stage options declared once, as dataclass fields, turned into Typer commands.
 
 Each stage has one config dataclass (`cogfun.precompute.config.PrecomputeConfig`,
-`cogfun.train.config.TrainConfig`). Every field carries its help text in `metadata`; this module
-builds the command-line options from those fields so the CLI, `--config FILE` and the tests share one
-set of defaults. Every option is accepted in both spellings (`--train-batch-size` and the original's
-`--train_batch_size`); booleans get `--no-…` forms. `cogfun.common.stage_command` turns the fields into
-commands and answers flags a stage does not take.
+`cogfun.train.config.TrainConfig`). Every field is declared with `cogfun.common.fields.option`
+and carries its help text in `metadata`; this module (the app layer, which may read both stages)
+builds the command-line options from those fields so the CLI, `--config FILE` and the tests share
+one set of defaults. Every option is accepted in both spellings (`--train-batch-size` and the
+original's `--train_batch_size`); booleans get `--no-…` forms. `cogfun.app.stage_command` turns
+the fields into commands and answers flags a stage does not take.
 """
 
 from __future__ import annotations
@@ -16,34 +17,10 @@ import json
 import tomllib
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
-
-
-def option(
-    default: Any = dataclasses.MISSING,
-    help: str = "",
-    *,
-    aliases: tuple[str, ...] = (),
-    choices: tuple[str, ...] | None = None,
-    factory: Callable[[], Any] | None = None,
-    shown: str | None = None,
-    variadic: bool = False,
-) -> Any:
-    """A config field: default, one line of help, original-spelling aliases, allowed values.
-
-    `shown` is what the README's table prints as the default when the value is worked out at run
-    time (None meaning "the model's" or "the store's"). A `variadic` list option takes every value
-    that follows its flag (`--latents A B`), besides the repeated flag (`--latents A --latents B`)."""
-    meta = {"help": help, "aliases": aliases, "choices": choices, "shown": shown}
-    if variadic:
-        meta["variadic"] = True
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
 
 
 def flag_names(name: str) -> list[str]:

@@ -185,7 +185,7 @@ def sample(
         raise typer.BadParameter(f"{out}: the output is an .mp4 file", param_hint="--out")
     if num_inference_steps < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--num-inference-steps")
-    from cogfun.common.sample_run import SampleRequest, run_sample
+    from cogfun.app.sample_run import SampleRequest, run_sample
 
     request = SampleRequest(
         model=model,
@@ -219,8 +219,8 @@ def sample(
     except (ValueError, FileNotFoundError) as err:
         raise _fail("sample", str(err)) from err
     except Exception as err:
+        from cogfun.common.decode import DecodeError
         from cogfun.common.models import ModelFolderError
-        from cogfun.precompute.decode import DecodeError
 
         if isinstance(err, ModelFolderError | DecodeError):
             raise _fail("sample", str(err)) from err

@@ -1,0 +1,141 @@
+"""The store's files as the tests see them: where a sample's bytes lie inside a shard, damage to
+exactly one sample or one shard, and a schema-1 copy of a store.
+
+Everything here reads the on-disk format documented in the README ("The store"): a sharded
+array's `zarr.json` and the shard index at the end of each shard file ((chunks x 2) little-endian
+uint64 offset/length pairs, 2**64-1 for an empty chunk, then their crc32c). It does not use the
+store's own reader, so a test that damages a file with it checks the reader against the format.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import zarr
+
+EMPTY = 2**64 - 1
+
+
+def _meta(store: Path, node: str) -> dict:
+    return json.loads((Path(store) / node / "zarr.json").read_text())
+
+
+def _sharding(meta: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shard shape, inner chunk shape) of a sharded array's metadata."""
+    shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    (codec,) = meta["codecs"]
+    assert codec["name"] == "sharding_indexed", f"not a sharded array: {codec['name']}"
+    return shard, tuple(codec["configuration"]["chunk_shape"])
+
+
+def array_node(bucket: str, array: str) -> str:
+    """The node path of a per-sample array (`bucket` "captions" for the caption arrays)."""
+    return f"captions/{array}" if bucket == "captions" else f"buckets/{bucket}/{array}"
+
+
+def shard_file(store: Path, bucket: str, array: str, row: int) -> Path:
+    """The shard file holding `row` of a per-sample array."""
+    meta = _meta(store, array_node(bucket, array))
+    shard, _ = _sharding(meta)
+    coords = [row // shard[0]] + [0] * (len(shard) - 1)
+    return Path(store) / array_node(bucket, array) / ("c." + ".".join(map(str, coords)))
+
+
+def _index(store: Path, bucket: str, array: str, row: int) -> tuple[Path, np.ndarray, int]:
+    meta = _meta(store, array_node(bucket, array))
+    shard, inner = _sharding(meta)
+    chunks = int(np.prod([s // i for s, i in zip(shard, inner, strict=True)]))
+    path = shard_file(store, bucket, array, row)
+    raw = path.read_bytes()
+    table = np.frombuffer(raw[-(16 * chunks + 4) : -4], dtype="<u8").reshape(chunks, 2).copy()
+    return path, table, chunks
+
+
+def chunk_range(
+    store: Path, bucket: str, array: str, row: int, part: int = 0
+) -> tuple[Path, int, int]:
+    """(shard file, offset, length) of one inner chunk: `row`'s (mask variant `part`'s)."""
+    meta = _meta(store, array_node(bucket, array))
+    shard, inner = _sharding(meta)
+    parts = meta["shape"][1] if len(inner) > 1 and inner[1] == 1 and meta["shape"][1] > 1 else 1
+    path, table, _ = _index(store, bucket, array, row)
+    offset, length = table[(row % shard[0]) * parts + part]
+    assert offset != EMPTY, f"{path}: row {row} part {part} is empty"
+    return path, int(offset), int(length)
+
+
+def flip_byte(store: Path, bucket: str, array: str, row: int, part: int = 0) -> Path:
+    """Flip one bit in the middle of one inner chunk's bytes (the shard index stays valid)."""
+    path, offset, length = chunk_range(store, bucket, array, row, part)
+    raw = bytearray(path.read_bytes())
+    raw[offset + length // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def drop_chunk(store: Path, bucket: str, array: str, row: int, part: int = 0) -> Path:
+    """Mark one inner chunk empty in its shard's index (crc32c rewritten): what deleting a
+    schema-1 chunk file was. The reader sees the fill value (zeros)."""
+    meta = _meta(store, array_node(bucket, array))
+    shard, inner = _sharding(meta)
+    parts = meta["shape"][1] if len(inner) > 1 and inner[1] == 1 and meta["shape"][1] > 1 else 1
+    path, table, chunks = _index(store, bucket, array, row)
+    table[(row % shard[0]) * parts + part] = (EMPTY, EMPTY)
+    raw = path.read_bytes()
+    body = table.astype("<u8").tobytes()
+    path.write_bytes(
+        raw[: -(16 * chunks + 4)] + body + google_crc32c.value(body).to_bytes(4, "little")
+    )
+    return path
+
+
+def schema1_copy(src: Path, dst: Path) -> Path:
+    """A copy of a finished store in the schema-1 layout (one chunk file per sample, no shards),
+    as cogfun before sharding wrote it: every array re-chunked through plain zarr, the root's
+    `schema_version` set to 1 and its shard sizes dropped."""
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    for meta_path in sorted(dst.rglob("zarr.json")):
+        meta = json.loads(meta_path.read_text())
+        if meta.get("node_type") != "array" or meta["codecs"][0]["name"] != "sharding_indexed":
+            continue
+        folder = meta_path.parent
+        data = zarr.open_array(str(src / folder.relative_to(dst)), mode="r")[...]
+        shutil.rmtree(folder)
+        inner = meta["codecs"][0]["configuration"]
+        compressors = [c for c in inner["codecs"] if c["name"] == "blosc"]
+        shape = tuple(meta["shape"])
+        out = zarr.create_array(
+            str(folder),
+            shape=shape,
+            chunks=(1, *shape[1:]),
+            dtype=meta["data_type"],
+            fill_value=0,
+            compressors=[zarr.codecs.BloscCodec(**c["configuration"]) for c in compressors] or None,
+            chunk_key_encoding={"name": "default", "separator": "."},
+        )
+        out[...] = data
+    root = dst / "zarr.json"
+    meta = json.loads(root.read_text())
+    meta["attributes"]["schema_version"] = 1
+    for key in ("shard_samples", "caption_shard"):
+        meta["attributes"].pop(key, None)
+    root.write_text(json.dumps(meta))
+    return dst
+
+
+def shard_rows(store: Path, bucket: str, array: str, row: int) -> tuple[list[int], list[int]]:
+    """(every row of the shard holding `row`, within the array; the rows with any chunk stored
+    in that shard, as its index says)."""
+    meta = _meta(store, array_node(bucket, array))
+    shard, inner = _sharding(meta)
+    parts = meta["shape"][1] if len(inner) > 1 and inner[1] == 1 and meta["shape"][1] > 1 else 1
+    _, table, _ = _index(store, bucket, array, row)
+    lo = row - row % shard[0]
+    rows = list(range(lo, min(lo + shard[0], meta["shape"][0])))
+    stored = table[:, 0].reshape(shard[0], parts) != EMPTY
+    return rows, [r for r in rows if stored[r - lo].any()]
