@@ -6,7 +6,6 @@ imports (torch, diffusers, zarr) happen inside the commands so `cogfun --help` s
 
 from __future__ import annotations
 
-import errno
 from importlib.metadata import version as _dist_version
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import typer
 from cogfun.app.sample_cli import register as _register_sampling
 from cogfun.app.stage_command import add_stage_command
 from cogfun.app.stage_flags import TRAIN_STORE_SKIP, foreign_flags
+from cogfun.common.disk_full import disk_full_message
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.train.config import TrainConfig
 
@@ -121,16 +121,13 @@ def _run_train(cfg: TrainConfig, store_options: dict) -> None:
         typer.echo(f"cogfun train: {err}", err=True)
         raise typer.Exit(EXIT_DIVERGED) from err
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
         # Checkpoints are written under a temporary name and renamed when complete, so the newest
         # checkpoint-N on disk is whole; the resumed run repeats the lost steps exactly.
-        typer.echo(
-            f"cogfun train: the disk is full ({err}). Checkpoints already saved in "
-            f"{cfg.output_dir} are complete: free some space and rerun the same command, it "
-            "resumes from the latest one.",
-            err=True,
-        )
+        kept = f"Checkpoints already saved in {cfg.output_dir} are complete"
+        message = disk_full_message(err, kept, "from the latest one")
+        if message is None:
+            raise
+        typer.echo(f"cogfun train: {message}.", err=True)
         raise typer.Exit(2) from err
 
 

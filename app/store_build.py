@@ -4,12 +4,15 @@ The original trains from the dataset in one command; cogfun encodes it once into
 `--data`/`--train_data_dir`, `cogfun train` takes `cogfun precompute`'s options (all but `--out`: the
 store is `--latents`) and, before training:
 
-- reuses the store at `--latents` when it is complete and was written with the same settings (the
+- reuses the store at `--latents` when it is complete, was written with the same settings (the
   fingerprint precompute records: every option that shapes the stored bytes, the VAE / text encoder /
-  tokenizer files, the metadata file's bytes, the transformer layout), without reading it again;
+  tokenizer files, the transformer layout) and last planned from a metadata file with the same
+  bytes, without reading it again;
 - refuses a complete store written with other settings, naming each difference;
 - otherwise runs precompute with those settings on every launched process (it shares the work by
-  rank under `accelerate launch`, resumes an interrupted store and refuses one with other settings).
+  rank under `accelerate launch`, resumes an interrupted store, updates one to an edited metadata
+  file by encoding only new rows, and refuses one with other settings). A media file changed in
+  place under an unchanged metadata file is picked up by running `cogfun precompute` itself.
 
 It is where the two stages meet, so it lives in the app layer: training takes a `StoreOptions`
 (`cogfun.train.setup.StoreSource`) and never imports precompute.
@@ -23,7 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from cogfun.app.options import flag_names
-from cogfun.common.store.schema import FingerprintMismatch, fingerprint, settings_diff
+from cogfun.common.store.schema import (
+    FingerprintMismatch,
+    fingerprint,
+    settings_diff,
+)
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.train.config import TrainConfig
 from cogfun.train.preflight import TrainRefused
@@ -81,7 +88,7 @@ def store_config(cfg: TrainConfig, values: dict[str, Any]) -> PrecomputeConfig |
 def ensure_store(build: PrecomputeConfig) -> None:
     """Reuse the matching complete store at `build.out`, or build (resume) it with precompute."""
     expected = _expected_settings(build)
-    state = _store_state(build.out, expected)
+    state = _store_state(build.out, expected, build.meta_path())
     if state == "reuse":
         log.info(
             "reusing the store %s: it is complete and was written with these settings "
@@ -93,7 +100,7 @@ def ensure_store(build: PrecomputeConfig) -> None:
     log.info(
         "%s the store %s from %s with precompute (resumable: rerun the same command after an "
         "interruption)",
-        "resuming" if state == "resume" else "building",
+        {"resume": "resuming", "update": "updating"}.get(state, "building"),
         build.out,
         build.meta_path(),
     )
@@ -105,7 +112,9 @@ def _expected_settings(build: PrecomputeConfig) -> dict[str, Any]:
     import torch
     from cogfun.common.model_kind import read_transformer_config
     from cogfun.common.models import check_model_folder
-    from cogfun.common.store.schema import normalise_json
+    from cogfun.common.store.schema import (
+        normalise_json,
+    )
     from cogfun.precompute import run as precompute
     from cogfun.precompute.encode import resolve_dtype
     from cogfun.precompute.ranks import use_cuda
@@ -124,10 +133,12 @@ def _expected_settings(build: PrecomputeConfig) -> dict[str, Any]:
     return normalise_json(settings, "settings")
 
 
-def _store_state(path: Path, expected: dict[str, Any]) -> str:
-    """'new' (no store), 'resume' (unfinished, same settings) or 'reuse' (complete, same
-    settings); a store with other settings is refused naming each difference."""
+def _store_state(path: Path, expected: dict[str, Any], metadata: Path) -> str:
+    """'new' (no store), 'resume' (unfinished, same settings), 'update' (complete, same settings,
+    another metadata file: precompute adds and retires rows) or 'reuse' (complete, same settings
+    and metadata); a store with other settings is refused naming each difference."""
     from cogfun.common.store.io import check_root
+    from cogfun.precompute.plan import file_sha256
 
     if not (path / "zarr.json").is_file():
         return "new"
@@ -139,7 +150,11 @@ def _store_state(path: Path, expected: dict[str, Any]) -> str:
                 path, diff or {"fingerprint": (root.get("fingerprint"), fingerprint(expected))}
             )
         )
-    return "reuse" if root.get("status") == "complete" else "resume"
+    if root.get("status") != "complete":
+        return "resume"
+    # The dataset is not in the fingerprint: an edited metadata file updates the store.
+    recorded = (root.get("attrs") or {}).get("metadata_sha256")
+    return "reuse" if recorded == file_sha256(metadata) else "update"
 
 
 def _mismatch(err: FingerprintMismatch) -> TrainRefused:

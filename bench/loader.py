@@ -9,6 +9,12 @@ Figures (one `name: value` line each, defined in docs/performance.md):
   each sample's arrays with zarr and turns the uint16 bits into bf16 tensors. Both read the same store, alternated `--repeats`
   times after a warm-up pass (page cache warm for both); medians are reported, with the spread.
   `loader_samples_per_s_processes` is the same loader with worker processes, alternated with it.
+- `bytes_read_per_step_all_variants`, `bytes_read_per_step_picked` (and their `_ratio`): bytes
+  read from the store's files (counted through `cogfun.common.store.chunks.read_chunk_bytes`) per
+  training batch over one epoch of the throughput store, by a loader that reads every one of the
+  K mask variants (before) and by one that reads only the variant each step draws (after:
+  `cogfun.train.picks`, as `cogfun train` does); `real2b_bytes_read_per_step_*` the same on the
+  real-scale store below.
 - `real2b_samples_per_s` (and `_processes`, `real2b_mb_per_s`): the loader over `--real-samples`
   samples of the real 2b-InP's sizes (13x60x90 latent moments, 4 masked-video variants, a
   226x4096 caption), batch 4: what one rank's loader can feed a real training step.
@@ -36,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cogfun.common.store import (
+    SCHEMA_VERSION,
     BucketPlan,
     RowPlan,
     StoreError,
@@ -64,13 +71,13 @@ def build_store(
     path: Path, plan: StorePlan, masks: int, seed: int = 0, text: tuple[int, int] = TEXT
 ) -> float:
     """Write every planned sample with random bf16 tensors through the store module; seconds taken.
-    A complete store at `path` with the same buckets and counts is reused (returns 0.0); anything
-    else there (an older or interrupted bench store) is removed first."""
+    A complete store at `path` with the same buckets and counts, in today's layout, is reused
+    (returns 0.0); anything else there (an older or interrupted bench store) is removed first."""
     try:
         reader = open_store(path)
-        if {n: len(i.slots) for n, i in reader.buckets.items()} == {
-            b.name: len(b.rows) for b in plan.buckets
-        }:
+        counts = {n: len(i.slots) for n, i in reader.buckets.items()}
+        current = reader.root_attrs.get("schema_version") == SCHEMA_VERSION
+        if current and counts == {b.name: len(b.rows) for b in plan.buckets}:
             return 0.0
     except StoreError:
         pass
@@ -155,6 +162,34 @@ def loader_epochs(
             rates.append(n / (time.perf_counter() - t0))
     del loader
     return rates
+
+
+def bytes_per_step(path: Path, batch_size: int, picked: bool) -> float:
+    """Store bytes read per batch over one epoch of training's way through the loader
+    (`follow`, one batch a step), every mask variant read or (`picked`) only the step's."""
+    from cogfun.common.store import chunks
+    from cogfun.train.data import make_dataloader
+    from cogfun.train.picks import VariantPicker
+    from cogfun.train.state import TrainingState
+
+    picker = VariantPicker(0, 0, 1, "moments", K) if picked else None
+    loader, sampler = make_dataloader(path, batch_size, 0, 0, 0, 1, picker=picker)
+    state = TrainingState(batches_per_epoch=len(sampler), order=sampler.order())
+    real, counted = chunks.read_chunk_bytes, []
+
+    def count(file: str, start: int = 0, length: int | None = None) -> bytes | None:
+        data = real(file, start, length)
+        counted.append(len(data or b""))
+        return data
+
+    chunks.read_chunk_bytes = count  # the benchmark's counter, never the product's
+    try:
+        stream = loader.follow(state)
+        for _ in range(len(sampler)):
+            next(stream)
+    finally:
+        chunks.read_chunk_bytes = real
+    return sum(counted) / len(sampler)
 
 
 def simulated_wait(path: Path, workers: int, batch_size: int, step_ms: float, steps: int) -> float:
@@ -249,6 +284,9 @@ def real_scale(args: argparse.Namespace) -> None:
     print(f"real2b_samples_per_s: {threads:.1f}  ({args.workers} reader threads, batch 4)")
     print(f"real2b_mb_per_s: {threads * sample_mb:.0f}")
     print(f"real2b_samples_per_s_processes: {statistics.median(rates['processes']):.1f}")
+    every, picked = (bytes_per_step(path, 4, p) for p in (False, True))
+    print(f"real2b_bytes_read_per_step_all_variants: {every:.0f}  (batch 4)")
+    print(f"real2b_bytes_read_per_step_picked: {picked:.0f}")
 
 
 def main() -> None:
@@ -317,6 +355,12 @@ def main() -> None:
         rate = statistics.median(loader_epochs(store, w, args.batch_size, epochs=2))
         print(f"loader_samples_per_s_workers{w}: {rate:.1f}")
     print(f"loader_vs_raw_read: {loader / raw:.3f}")
+    every, picked = (bytes_per_step(store, args.batch_size, p) for p in (False, True))
+    print(
+        f"bytes_read_per_step_all_variants: {every:.0f}  (batch {args.batch_size}, K={K}: before)"
+    )
+    print(f"bytes_read_per_step_picked: {picked:.0f}  (the variant each step draws: after)")
+    print(f"bytes_read_per_step_ratio: {picked / every:.3f}")
     wait = simulated_wait(store, args.workers, args.batch_size, args.step_ms, steps=120)
     print(f"data_wait_fraction_sim: {wait:.4f}  (consumer busy {args.step_ms:.0f} ms per batch)")
     if args.real_samples:

@@ -78,6 +78,10 @@ FIGURES = [
     Figure("open_s_100k", "≤ 1.5 x open_s_1k", _vs("open_s_1k", 1.5)),
     Figure("rss_mb_1k", "report"),
     Figure("rss_mb_100k", "≤ 1.5 x rss_mb_1k", _vs("rss_mb_1k", 1.5)),
+    Figure("files_per_sample", "≤ 1/64 (0.0156)", lambda v, _: v <= 1 / 64),
+    Figure("update_vs_full", "< 0.5 (an update encodes only new rows)", lambda v, _: v < 0.5),
+    Figure("update_equals_fresh", "= 1 (same digest as a fresh store)", lambda v, _: v == 1),
+    Figure("file_reduction", "report (schema-1 files ÷ sharded files)"),
     Figure("precompute_s_*", "linear in samples"),
     Figure("precompute_linear_r2", "≥ 0.98", lambda v, _: v >= 0.98),
 ]

@@ -56,7 +56,9 @@ def _rss_mb() -> float:
 def child(meta: Path) -> dict[str, float]:
     """The planning steps in this (fresh) process; returns their times and peak RSS."""
     from cogfun.common.decode import MediaInfo
-    from cogfun.common.store.schema import plan_digest
+    from cogfun.common.store.schema import (
+        plan_digest,
+    )
     from cogfun.precompute.config import PrecomputeConfig
     from cogfun.precompute.metadata import read_metadata
     from cogfun.precompute.plan import build_plan, probe_key, probe_rows

@@ -95,6 +95,22 @@ def benches(threads: int) -> list[Bench]:
                 "full": ["--sizes", "32,64,128"],
             },
         ),
+        Bench(
+            "incremental",
+            {
+                "quick": ["--clips", "6", "--added", "2", "--frames", "5", "--size", "32"],
+                "default": [],
+                "full": ["--clips", "120", "--added", "12"],
+            },
+        ),
+        Bench(
+            "store_layout",
+            {
+                "quick": ["--shards", "1,3", "--shard-samples", "16"],
+                "default": [],
+                "full": ["--shards", "2,10"],
+            },
+        ),
         Bench("gpu", {"quick": [], "default": [], "full": []}, needs_cuda=True),
     ]
 

@@ -224,16 +224,16 @@ def read_video_frames(
     if not indices or min(indices) < 0:
         raise ValueError(f"read_video_frames {path}: indices must be non-empty and >= 0")
     try:
-        frames = _read_decord(path, indices)
+        frames = read_decord(path, indices)
     except Exception as decord_error:  # decord raises bare RuntimeError/DECORDError subclasses
         try:
-            frames = _read_pyav(path, indices)
+            frames = read_pyav(path, indices)
         except DecodeError as e:
             raise DecodeError(path, f"{e.reason} (decord also failed: {decord_error})") from None
     return cap_short_side(frames, short_side_cap)
 
 
-def _read_decord(path: Path, indices: list[int]) -> np.ndarray:
+def read_decord(path: Path, indices: list[int]) -> np.ndarray:
     import decord  # imported lazily: it loads its own FFmpeg and is not needed for probing
 
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=2)
@@ -248,7 +248,7 @@ def _read_decord(path: Path, indices: list[int]) -> np.ndarray:
     return frames
 
 
-def _read_pyav(path: Path, indices: list[int]) -> np.ndarray:
+def read_pyav(path: Path, indices: list[int]) -> np.ndarray:
     """Decode sequentially up to the last wanted frame; frames are counted in presentation order."""
     wanted = set(indices)
     last = max(indices)

@@ -26,6 +26,11 @@ def latent_frames(frames: int) -> int:
     return (frames - 1) // VAE_TEMPORAL + 1
 
 
+def pixel_frames(latent_frames: int) -> int:
+    """Pixel frames a clip of ``latent_frames`` latent frames decodes to: ``(F_lat - 1) * 4 + 1``."""
+    return (latent_frames - 1) * VAE_TEMPORAL + 1
+
+
 def latent_shape_of(frames: int, height: int, width: int) -> tuple[int, int, int]:
     """(F_lat, h, w) of a pixel clip: ``F_lat = (F - 1) // 4 + 1``, ``h = H // 8``, ``w = W // 8``.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cogfun.common.models import ModelFolderError
-from cogfun.common.modes import parse_transformer_config, transformer_config_path
+from cogfun.common.modes import MODES, parse_transformer_config, transformer_config_path
 
 SETTINGS_KEY = "transformer"  # the store settings entry `encoded_for` fills
 
@@ -61,10 +61,11 @@ def unsupported_reason(tconfig: dict[str, Any], latent_channels: int) -> str | N
             f"the transformer is a CogVideoX-Fun control model (in_channels {have} = {c} noisy + "
             f"{c} control latents): control training is not supported"
         )
-    if have not in (c, 2 * c + 1):
+    if have not in [m.input_channels(c) for m in MODES.values()]:
+        inpaint = MODES["inpaint"].input_channels(c)
         return (
             f"the transformer takes {have} input channels, neither {c} (text to video) nor "
-            f"{2 * c + 1} (inpaint: {c} noisy + 1 mask + {c} masked-video latents) for a VAE with "
+            f"{inpaint} (inpaint: {c} noisy + 1 mask + {c} masked-video latents) for a VAE with "
             f"{c} latent channels: this model is not supported"
         )
     return None

@@ -174,15 +174,11 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
 
 
 def load_scheduler(path: str | Path) -> DDPMScheduler:
-    """`path/scheduler` read as a DDPMScheduler, as the original's scripts/train.py does.
+    """The model folder's training schedule (`schedulers.load_noise_scheduler`), after checking that
+    `path` is a model folder with a `scheduler/` part (ModelFolderError naming what is missing)."""
+    from cogfun.common.schedulers import load_noise_scheduler
 
-    The shipped JSON is a CogVideoXDDIMScheduler config; DDPMScheduler keeps its betas, zero-SNR
-    rescale and v-prediction, and ignores `snr_shift_scale` (so Fun trains on the unshifted schedule).
-    """
-    from diffusers import DDPMScheduler
-
-    root = check_model_folder(path, ["scheduler"])
-    return DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    return load_noise_scheduler(check_model_folder(path, ["scheduler"]))
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Any:

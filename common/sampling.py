@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from cogfun.common.fun_vae import encode_mode, fun_decode
-from cogfun.common.geometry import VAE_TEMPORAL, latent_frames  # noqa: F401 (re-export)
+from cogfun.common.geometry import latent_frames, pixel_frames  # noqa: F401 (latent_frames: re-export)
 from cogfun.common.masks import resize_mask
 from cogfun.common.transformer import _unwrap, transformer_forward
 from torch import Tensor, nn
@@ -74,7 +74,7 @@ def _preprocess(video: Tensor, mask: Tensor, height: int, width: int) -> tuple[T
     return back(pixels), back(binary)
 
 
-def _noise_aug(masked: Tensor, generator: torch.Generator) -> Tensor:
+def noise_augment(masked: Tensor, generator: torch.Generator) -> Tensor:
     """`add_noise_to_reference_video` with the fixed ratio: noise only where the pixel is not -1."""
     noise = torch.randn(masked.shape, generator=generator, device=generator.device)
     noise = noise.to(masked.device, masked.dtype) * NOISE_AUG_SIGMA
@@ -107,13 +107,13 @@ def inpaint_conditioning(
     if add_noise:
         if noise_generator is None:
             raise ValueError("a noise generator is needed for add_noise_in_inpaint_model models")
-        masked = _noise_aug(masked, noise_generator)
+        masked = noise_augment(masked, noise_generator)
     vae_device = next(vae.parameters()).device
     masked_latents = encode_mode(vae, masked.to(vae_device)).float() * scale  # (B, 16, F_lat, h, w)
     if masked_latents.shape[2] != f_lat:
         raise ValueError(
             f"the video encodes to {masked_latents.shape[2]} latent frames but the latents have "
-            f"{f_lat}: give a video of {(f_lat - 1) * VAE_TEMPORAL + 1} frames"
+            f"{f_lat}: give a video of {pixel_frames(f_lat)} frames"
         )
     mask_latent = resize_mask(1 - generate.to(vae_device), masked_latents.shape) * scale
     inpaint = torch.cat([mask_latent, masked_latents], dim=1)  # (B, 17, F_lat, h, w)
@@ -171,10 +171,10 @@ def generate(
             f"{f_lat} latent frames: this model (patch_size_t {p_t}) needs a multiple of {p_t} "
             "latent frames or a single one"
         )
-    if video is not None and video.shape[2] != (f_lat - 1) * VAE_TEMPORAL + 1:
+    if video is not None and video.shape[2] != pixel_frames(f_lat):
         raise ValueError(
             f"the video has {video.shape[2]} frames but the latents have {f_lat} latent frames "
-            f"(needs {(f_lat - 1) * VAE_TEMPORAL + 1} frames)"
+            f"(needs {pixel_frames(f_lat)} frames)"
         )
     guided = guidance_scale > 1.0
     if guided and negative_prompt_embeds is None:

@@ -8,6 +8,8 @@ DDIMScheduler ignores it, the CogVideoX schedulers apply it). "DDIM_Origin" is t
 "CogVideoX_DPM" is not in the scripts' list but the inpaint pipeline has a branch for it.
 
     scheduler = build_scheduler("DDIM_Origin", "models/CogVideoX-Fun-V1.1-2b-InP")
+
+Training's schedule is one fixed class, `load_noise_scheduler` (DDPMScheduler), from the same file.
 """
 
 from __future__ import annotations
@@ -32,15 +34,31 @@ SCHEDULERS: dict[str, str] = {
 DEFAULT_SCHEDULER = "DDIM_Origin"
 
 
+def scheduler_folder(model: str | Path) -> Path:
+    """The folder holding a model's `scheduler_config.json`: `model/scheduler`, or `model` itself
+    when it is a scheduler folder. FileNotFoundError when neither has one."""
+    root = Path(model)
+    for folder in (root / "scheduler", root):
+        if (folder / "scheduler_config.json").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"{root}: no scheduler_config.json (looked in the folder and in its scheduler/)"
+    )
+
+
 def scheduler_config(model: str | Path) -> dict[str, Any]:
     """The model's `scheduler/scheduler_config.json` as a dict (a scheduler folder itself works too)."""
-    root = Path(model)
-    for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    raise FileNotFoundError(
-        f"{root}: no scheduler config (expected {root / 'scheduler' / 'scheduler_config.json'})"
-    )
+    return json.loads((scheduler_folder(model) / "scheduler_config.json").read_text())
+
+
+def load_noise_scheduler(model: str | Path) -> diffusers.DDPMScheduler:
+    """The training noise schedule: the model's scheduler config read as a `DDPMScheduler`, as the
+    original's scripts/train.py reads it (a model folder, or a scheduler folder itself).
+
+    The shipped JSON is a CogVideoXDDIMScheduler config; DDPMScheduler keeps its betas, zero-SNR
+    rescale and v-prediction, and ignores `snr_shift_scale` (so Fun trains on the unshifted
+    schedule; tests/golden/README.md section 2)."""
+    return diffusers.DDPMScheduler.from_pretrained(scheduler_folder(model), local_files_only=True)
 
 
 def build_scheduler(name: str, config: Mapping[str, Any] | str | Path) -> Any:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cogfun.common.fields import option
-from cogfun.common.modes import default_precompute_mode
+from cogfun.common.modes import MODES, default_precompute_mode
 
 DEFAULT_MODEL = "models/Diffusion_Transformer/CogVideoX-Fun-2b-InP"
 DEFAULT_STORE = "latents.zarr"
@@ -42,7 +42,7 @@ class PrecomputeConfig:
         "model is (transformer/config.json in_channels 33: inpaint, 16: normal); inpaint when "
         "the model folder has no transformer config.",
         aliases=("train_mode",),
-        choices=("inpaint", "normal"),
+        choices=tuple(MODES),
         shown="the model's",
     )
     seed: int = option(42, "Seed of every per-sample draw (clip start, resolution, frames, masks).")
@@ -63,7 +63,7 @@ class PrecomputeConfig:
         1, "Samples per VAE encode call (part of the fingerprint: results depend on the batch)."
     )
     shard_samples: int = option(
-        384,
+        512,
         "Samples per shard file (rounded up to whole --vae-mini-batch chunks); fixed when the "
         "store is created, not part of the fingerprint.",
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from cogfun.common.models import encode_prompts, load_text_encoder, load_tokenizer, load_vae
+from cogfun.common.posterior import sample_posterior
 from torch import Tensor
 
 log = logging.getLogger("cogfun.precompute")
@@ -55,18 +56,12 @@ class VaeEncoder:
         return params.permute(0, 2, 1, 3, 4).cpu()  # (B, F_lat, 2C, h, w)
 
 
-def posterior_sample(moments: Tensor, seed: int) -> Tensor:
-    """One draw mean + exp(0.5 * clamp(logvar, -30, 20)) * eps, eps seeded by `seed`.
-
-    moments (F_lat, 2C, h, w) -> (F_lat, C, h, w) float32 (unscaled, as stored)."""
-    mean, logvar = moments.float().chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
-    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
-
-
 def stored_latents(moments: Tensor, latent_format: str, seed: int) -> Tensor:
-    """What the store keeps of one sample's moments (F_lat, 2C, h, w)."""
-    return moments if latent_format == "moments" else posterior_sample(moments, seed)
+    """What the store keeps of one sample's moments (F_lat, 2C, h, w): them, or one posterior
+    sample (F_lat, C, h, w) float32 unscaled, its eps from a CPU generator seeded by `seed`."""
+    if latent_format == "moments":
+        return moments
+    return sample_posterior(moments, torch.Generator().manual_seed(seed))
 
 
 def encode_in_batches(encoder: VaeEncoder, videos: list[Tensor], batch: int) -> list[Tensor]:

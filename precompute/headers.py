@@ -57,6 +57,9 @@ def probe_dir(store: Path) -> Path:
     return store.parent / f".{store.name}.probes"
 
 
+STAMP_ONLY = {"stamp_only": True}  # an entry holding a file's size and mtime, no header
+
+
 def rank_file(folder: Path, rank: int, world: int) -> Path:
     return folder / f"rank{rank}-of-{world}.json"
 
@@ -74,6 +77,28 @@ def needed(rows: list[Row]) -> list[Row]:
             seen.add(key)
             out.append(row)
     return out
+
+
+def stamp_only(rows: list[Row]) -> list[Row]:
+    """The first row of each file no header is read of (images whose size the metadata gives):
+    only its size and mtime are taken."""
+    seen = {probe_key(r) for r in needed(rows)}
+    out: list[Row] = []
+    for row in rows:
+        key = probe_key(row)
+        if row.error is None and key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, or None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return int(st.st_size), int(st.st_mtime_ns)
 
 
 def _to_json(value: Probe) -> list[int] | dict:
@@ -143,11 +168,7 @@ def probe_share(
     mine = needed(rows)[rank::world]
     for row in mine:
         key, resolved = probe_key(row), str(row.path)
-        try:
-            st = os.stat(row.path)
-            stamp = (int(st.st_size), int(st.st_mtime_ns))
-        except OSError:
-            stamp = None  # the prober says why, in its usual words
+        stamp = _stamp(row.path)  # None: the prober says why, in its usual words
         hit = cache.get((key, resolved, *stamp)) if stamp else None
         if hit is not None:
             cached += 1
@@ -158,13 +179,23 @@ def probe_share(
         size, mtime_ns = stamp or (-1, -1)
         keep = cacheable and stamp is not None
         entries.append([key, resolved, size, mtime_ns, keep, _to_json(result)])
+    for row in stamp_only(rows)[rank::world]:  # files with no header to read: size and mtime
+        size, mtime_ns = _stamp(row.path) or (-1, -1)
+        entries.append([probe_key(row), str(row.path), size, mtime_ns, False, STAMP_ONLY])
     data = {"format": FORMAT, "run": run, "rank": rank, "world": world, "entries": entries}
     _write_atomic(rank_file(folder, rank, world), data)
     return ShareCounts(len(mine), probed, cached, time.perf_counter() - start)
 
 
-def gather_probes(rows: list[Row], world: int, folder: Path, run: int) -> dict[str, Probe]:
-    """Every process's results of run `run` combined: the probes a single process would find."""
+def gather_probes(
+    rows: list[Row],
+    world: int,
+    folder: Path,
+    run: int,
+    stamps: dict[str, tuple[int, int]] | None = None,
+) -> dict[str, Probe]:
+    """Every process's results of run `run` combined: the probes a single process would find;
+    `stamps` (when given) gets every file's (size, mtime_ns) by probe key."""
     found: dict[str, Probe] = {}
     for rank in range(world):
         path = rank_file(folder, rank, world)
@@ -172,8 +203,11 @@ def gather_probes(rows: list[Row], world: int, folder: Path, run: int) -> dict[s
             data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("run") != run:
                 raise HeaderPassError(f"{path} was written by another run (the process died?)")
-            for key, _resolved, _size, _mtime, _cacheable, result in data["entries"]:
-                found[key] = _from_json(result)
+            for key, _resolved, size, mtime, _cacheable, result in data["entries"]:
+                if stamps is not None:
+                    stamps[key] = (int(size), int(mtime))
+                if result != STAMP_ONLY:
+                    found[key] = _from_json(result)
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise HeaderPassError(
                 f"{path}: process {rank}'s header probes are unreadable: {e}"
@@ -196,8 +230,9 @@ def prune(folder: Path, world: int) -> None:
 
 def header_pass(
     rows: list[Row], ranks: Ranks, store: Path, run: int
-) -> tuple[dict[str, Probe], ShareCounts]:
-    """Every process probes its share, then all read every share: the same probes on each rank.
+) -> tuple[dict[str, Probe], ShareCounts, dict[str, tuple[int, int]]]:
+    """Every process probes its share, then all read every share: the same probes on each rank,
+    and every file's (size, mtime_ns) by probe key (what a sample's content key holds).
     `run` is the number process 0 drew for this run (the same on every process)."""
     folder = probe_dir(store)
     counts: ShareCounts | None = None
@@ -208,7 +243,8 @@ def header_pass(
         failed = ranks.sum([int(counts is None)])[0]
     if failed:
         raise HeaderPassError("another process could not write its header probes (see its log)")
-    probes = gather_probes(rows, ranks.world, folder, run)
+    stamps: dict[str, tuple[int, int]] = {}
+    probes = gather_probes(rows, ranks.world, folder, run, stamps)
     log.info(
         "process %d of %d: header pass: %d files in this share, %d probed, %d from the cache "
         "(%s), %.1f s",
@@ -220,4 +256,4 @@ def header_pass(
         folder,
         counts.seconds,
     )
-    return probes, counts
+    return probes, counts, stamps

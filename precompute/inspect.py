@@ -64,6 +64,12 @@ def bucket_table(summary: dict) -> Table:
     return table
 
 
+def _update_text(update: dict | None) -> str:
+    if not update:
+        return "none (planned once)"
+    return ", ".join(f"{update.get(k, 0)} {k}" for k in ("added", "reused", "retired", "restored"))
+
+
 def store_table(summary: dict) -> Table:
     table = Table(show_header=False)
     table.add_column("key", no_wrap=True)
@@ -74,6 +80,8 @@ def store_table(summary: dict) -> Table:
         ("status", summary["status"]),
         ("schema version", str(summary["schema_version"])),
         ("samples stored", f"{summary['samples']} of {summary['planned']} planned"),
+        ("retired", f"{summary['retired']} (rows the dataset no longer has, not served)"),
+        ("last update", _update_text(summary.get("last_update"))),
         (
             "captions",
             f"{summary['captions']['written']} of {summary['captions']['planned']} written",

@@ -4,7 +4,8 @@ A cheap header pass (`probe_rows`) reads each file's size and frame count (image
 and `height` in the metadata are not opened, as the original's sampler). `build_plan` is then a
 pure function of (metadata rows, probes, options): for each row copy (`video_repeat`) and each of
 its variants (`variants_per_sample`, videos only) it seeds a numpy Generator from
-(seed, row index, repeat, variant) — never a global RNG — and draws, in this order:
+(seed, the row copy's content key, variant) — never a global RNG, never the row's position — and
+draws, in this order:
 
 1. the clip's frame indices (the original's frame sampling in
    cogvideox/data/dataset_image_video.py, from the header's frame count),
@@ -18,8 +19,9 @@ V1.5 store only holds latent frame counts that are even or 1 (`buckets.patch_fra
 
 Each sample goes to bucket `f{F_lat}_h{h}_w{w}` and gets the next slot there; slots of a bucket
 are cut into `vae_mini_batch` chunks, the unit of encoding and of resume (the VAE's floating-point
-result depends on its batch). Same inputs and seed give the same plan, byte for byte, and the store
-refuses to resume with another plan.
+result depends on its batch). Same inputs and seed give the same plan, byte for byte. A content key
+(`content_key`: file path, size, mtime, caption, type, repeat) names every sample, so a plan of an
+edited dataset is matched to the store it updates by key (`precompute.update.merge`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cogfun.common.buckets import (
 )
 from cogfun.common.decode import DecodeError, MediaInfo, clip_indices, probe
 from cogfun.common.geometry import SampleGeometry
+from cogfun.common.modes import mode_facts
 from cogfun.common.store import BucketPlan, RowPlan, StorePlan
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.metadata import Row
@@ -67,7 +70,7 @@ class Failure:
 class SampleSpec:
     """Everything needed to decode and encode one planned sample."""
 
-    key: str  # "row7.r1.v0": row, repeat, variant
+    key: str  # "<content key>.v0": the row copy's `content_key`, then the variant
     bucket: str
     slot: int
     row: int
@@ -119,7 +122,7 @@ def bucket_options(cfg: PrecomputeConfig, patch_size_t: int | None = None) -> Bu
 
 def masks_per_sample(cfg: PrecomputeConfig) -> int:
     """K mask variants stored per sample: 0 in normal mode (nothing masked is stored)."""
-    return cfg.masks_per_sample if cfg.mode == "inpaint" else 0
+    return cfg.masks_per_sample if mode_facts(cfg.mode).needs_masks else 0
 
 
 def short_side_cap(cfg: PrecomputeConfig) -> int:
@@ -247,7 +250,6 @@ def provenance(spec: SampleSpec, row: Row, variant: int, draw: _Draw, cap: int) 
     return {
         "key": spec.key,
         "file": spec.file,
-        "row": spec.row,
         "repeat": row.repeat,
         "variant": variant,
         "type": spec.kind,
@@ -264,25 +266,58 @@ def provenance(spec: SampleSpec, row: Row, variant: int, draw: _Draw, cap: int) 
 # ---- the plan ----
 
 
+def content_key(
+    row: Row, stamp: tuple[int, int] | None, occurrence: int = 0
+) -> tuple[str, int, int]:
+    """A row copy's content key: blake2b-128 of its file path as the metadata writes it, the
+    file's size and mtime (ns), caption, type, repeat number and `occurrence` (how many rows
+    with all of those came before it: a duplicated row is two samples, as in the original); as
+    (hex, low 32 bits, next 32 bits). The same row of an edited metadata file has the same key
+    (its samples are reused by an incremental update); a changed file or caption gives another
+    (they are encoded anew)."""
+    size, mtime_ns = stamp or (-1, -1)
+    content = [row.file_path, size, mtime_ns, row.text or "", row.type, row.repeat, occurrence]
+    digest = hashlib.blake2b(json.dumps(content).encode(), digest_size=16).digest()
+    words = np.frombuffer(digest[:8], dtype="<u4")
+    return digest.hex(), int(words[0]), int(words[1])
+
+
+def content_keys(rows: list[Row], stamps: dict[str, tuple[int, int]]) -> list[tuple[str, int, int]]:
+    """`content_key` of every row copy (a sample's key is its row's, then ".v<variant>"), with
+    each duplicate row counted by its occurrence."""
+    seen: dict[tuple, int] = {}
+    keys = []
+    for r in rows:
+        same = (r.file_path, r.text, r.type, r.repeat)
+        seen[same] = seen.get(same, -1) + 1
+        keys.append(content_key(r, stamps.get(probe_key(r)), seen[same]))
+    return keys
+
+
 def build_plan(
     rows: list[Row],
     probes: dict[str, Probe],
     cfg: PrecomputeConfig,
     patch_size_t: int | None = None,
+    stamps: dict[str, tuple[int, int]] | None = None,
 ) -> Plan:
     """The deterministic plan of `rows` for a transformer with temporal patch `patch_size_t`
-    (see the module docstring)."""
+    (see the module docstring). `stamps` (size, mtime_ns by probe key, from the header pass)
+    enter each sample's content key; each sample's draws are seeded from its key, not from its
+    position, so a row's samples are the same whatever rows come before it."""
     k = masks_per_sample(cfg)
     cap = short_side_cap(cfg)
     opts = bucket_options(cfg, patch_size_t)
+    stamps = stamps or {}
+    keys = content_keys(rows, stamps)
     # Every (row, variant)'s seeds in one vectorized pass (`seeds`), row p's variant v at p*V + v.
     per_row = max(1, cfg.variants_per_sample)
-    index = np.fromiter((r.index for r in rows), np.int64, len(rows))
-    repeat = np.fromiter((r.repeat for r in rows), np.int64, len(rows))
+    low = np.fromiter((key[1] for key in keys), np.int64, len(rows))
+    high = np.fromiter((key[2] for key in keys), np.int64, len(rows))
     variant_seeds, all_mask_seeds = many_sample_seeds(
         cfg.seed,
-        np.repeat(index, per_row),
-        np.repeat(repeat, per_row),
+        np.repeat(low, per_row),
+        np.repeat(high, per_row),
         np.tile(np.arange(per_row), len(rows)),
         k,
     )
@@ -302,13 +337,13 @@ def build_plan(
         variants = cfg.variants_per_sample if row.type == "video" else 1
         path = str(row.path)  # one string for all the row's variants
         for variant in range(variants):
-            key = f"{row.key}.v{variant}"
+            key = f"{keys[position][0]}.v{variant}"
             at = position * per_row + variant
             seed, mask_seeds = int(variant_seeds[at]), all_mask_seeds[at].tolist()
             try:
                 draw = draw_sample(row, info, cfg, np.random.default_rng(seed), opts=opts)
             except DecodeError as e:
-                failures.append(Failure(key, row.file_path, str(e), row.index))
+                failures.append(Failure(f"{row.key}.v{variant}", row.file_path, str(e), row.index))
                 continue
             bucket = draw.geometry.bucket
             slots = per_bucket.setdefault(bucket, [])
@@ -333,7 +368,7 @@ def build_plan(
     return _assemble(drafts, per_bucket, list(captions), failures, cfg.vae_mini_batch)
 
 
-def _bucket_order(name: str) -> tuple[int, int, int]:
+def bucket_order(name: str) -> tuple[int, int, int]:
     f, h, w = (int(part[1:]) for part in name.split("_"))
     return f, h, w
 
@@ -348,10 +383,10 @@ def _assemble(
     buckets: list[BucketPlan] = []
     chunks: list[Chunk] = []
     samples: list[SampleSpec] = []
-    for name in sorted(per_bucket, key=_bucket_order):
+    for name in sorted(per_bucket, key=bucket_order):
         members = [drafts[i] for i in per_bucket[name]]
         g = members[0][0].geometry  # the bucket's size is its first sample's
-        rows = [RowPlan(caption=spec.caption, provenance=prov) for spec, prov in members]
+        rows = [RowPlan(spec.caption, prov, spec.key) for spec, prov in members]
         buckets.append(BucketPlan(name, *g.pixels, *g.latent_shape, rows))
         specs = [spec for spec, _ in members]
         samples.extend(specs)

@@ -6,11 +6,14 @@
 
 Every process reads the metadata and probes its share of the media headers (cached beside the
 store, see `cogfun.precompute.headers`); all then build the same plan from every share. Process 0
-creates the store (or checks that an existing one has the same fingerprint and plan) while the
-others wait, then open it. Chunk i is encoded by process i % N. After a second barrier process 0
-writes the done index and marks the store complete. Rerunning the same command resumes: done samples
-are skipped, half-done chunks are redone whole, so the store ends bitwise equal to an uninterrupted
-run at the same per-process thread count.
+creates the store, or checks that an existing one has the same fingerprint and grows it to the
+plan (`cogfun.precompute.update`: samples are keyed by content, so an edited metadata file adds
+new rows, retires gone ones and reuses the rest), while the others wait, then open it. Each shard
+of the store is owned by one process (global shard g by process g % N), which encodes its chunks,
+stages their samples and seals the shard. After a second barrier process 0 writes the done index
+and marks the store complete. Rerunning the same command resumes: done samples are skipped,
+half-done chunks are redone whole, so the store ends bitwise equal to an uninterrupted run at the
+same per-process thread count.
 
 Before any work the model's transformer/config.json is read (the JSON only, no weights): a model
 cogfun cannot train (Fun control models, unknown channel counts) is refused, and its `patch_size_t`
@@ -20,9 +23,10 @@ What the fingerprint covers (refused on resume when any differs): every option t
 stored bytes (sizes, frames, stride, repeat, variants, buckets, masks, mode, seed, latent format,
 VAE/T5 dtypes, vae_mini_batch, slicing, tiling, T5 batch), the VAE, text encoder and tokenizer
 identities (hash of their files), the transformer layout the frame counts were chosen for
-(`transformer`: patch_size, patch_size_t) and its masked-video noise (`inpaint_noise`), the mask
-tables, and the metadata file's content hash. Not covered: the paths of the data, metadata, model
-and store (moving them does not change a byte), decode workers, progress, the thread count
+(`transformer`: patch_size, patch_size_t) and its masked-video noise (`inpaint_noise`) and the
+mask tables. Not covered: the dataset (its rows are matched by content key instead; the metadata
+file's hash is recorded in the attrs), the paths of the data, metadata, model and store (moving
+them does not change a byte), decode workers, progress, `--shard-samples`, the thread count
 (recorded in the store's attrs instead), and `--validation-prompts` (written beside the arrays, see
 `cogfun.common.sample_store`: they change no training sample).
 """
@@ -30,7 +34,6 @@ and store (moving them does not change a byte), decode workers, progress, the th
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import secrets
@@ -41,17 +44,24 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from cogfun.common.disk_full import disk_full_message
 from cogfun.common.masks import IMAGE_MASK_PROBS, VIDEO_MASK_PROBS
 from cogfun.common.model_kind import check_servable, encoded_for, read_transformer_config
 from cogfun.common.models import ModelFolderError, check_model_folder, model_identity
+from cogfun.common.modes import mode_facts
 from cogfun.common.progress import format_duration, progress, setup_logging
 from cogfun.common.sample_store import encode_store_prompts, read_prompt_lines, store_prompts_todo
 from cogfun.common.store import (
     StoreError,
     StoreLayout,
     StoreLock,
+    StorePlan,
     StoreWriter,
+    check_root,
+    clear_failures,
+    fingerprint,
     open_for_write,
+    read_plan,
     shard_size,
 )
 from cogfun.precompute.config import PrecomputeConfig
@@ -76,6 +86,7 @@ from cogfun.precompute.plan import (
 )
 from cogfun.precompute.prepare import Job, prepared_chunks
 from cogfun.precompute.ranks import Ranks, init_ranks
+from cogfun.precompute.update import merge
 
 log = logging.getLogger("cogfun.precompute")
 
@@ -84,7 +95,6 @@ PIPELINE_VERSION = 1
 EXIT_NOTHING_STORED = 1
 EXIT_ABORT = 2
 MODEL_PARTS = ("vae", "text_encoder", "tokenizer")
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class SetupAborted(Exception):
@@ -118,7 +128,7 @@ def check_options(cfg: PrecomputeConfig) -> None:
         if getattr(cfg, name) < low:
             flag = "--" + name.replace("_", "-")
             raise OptionError(f"{flag} must be >= {low}, got {getattr(cfg, name)}")
-    if cfg.mode == "inpaint" and cfg.masks_per_sample < 1:
+    if mode_facts(cfg.mode).needs_masks and cfg.masks_per_sample < 1:
         raise OptionError("--masks-per-sample must be >= 1 in inpaint mode (or use --mode normal)")
     if cfg.validation_prompts is not None:
         try:
@@ -136,13 +146,10 @@ def run(config: PrecomputeConfig) -> int:
         log.error("precompute aborted: %s", e)
         return EXIT_ABORT
     except OSError as e:
-        if e.errno not in DISK_FULL:
+        message = disk_full_message(e, "Every sample finished so far is kept", "where it stopped")
+        if message is None:
             raise
-        log.error(
-            "precompute aborted: the disk is full (%s). Every sample finished so far is kept: "
-            "free some space and rerun the same command, it resumes where it stopped",
-            e,
-        )
+        log.error("precompute aborted: %s", message)
         return EXIT_ABORT
 
 
@@ -200,9 +207,8 @@ def build_settings(cfg: PrecomputeConfig, vae_dtype: str, text_dtype: str, tconf
         },
         "text_encoder": identity("text_encoder"),
         "tokenizer": identity("tokenizer"),
-        "metadata_sha256": file_sha256(cfg.meta_path()),
         # The masked-video noise augmentation of V1.1/V1.5 models (add_noise_in_inpaint_model).
-        "inpaint_noise": cfg.mode == "inpaint"
+        "inpaint_noise": mode_facts(cfg.mode).needs_masks
         and bool(tconfig.get("add_noise_in_inpaint_model", False)),
         "transformer": encoded_for(tconfig),
     }
@@ -212,6 +218,9 @@ def _attrs(cfg: PrecomputeConfig, ranks: Ranks, threads: int) -> dict:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
     return {
         "config": config,
+        # The dataset the store was last planned from (not in the fingerprint: an edited one
+        # updates the store, `cogfun.precompute.update`).
+        "metadata_sha256": file_sha256(cfg.meta_path()),
         "cogfun_version": version("cogfun"),
         "torch_version": torch.__version__,
         "threads": threads,
@@ -275,8 +284,8 @@ def _open_store(
     start = time.perf_counter()
     failure: BaseException | None = None
     try:
-        probes, counts = header_pass(rows, ranks, cfg.out, run_id)
-        plan = build_plan(rows, probes, cfg, settings["transformer"]["patch_size_t"])
+        probes, counts, stamps = header_pass(rows, ranks, cfg.out, run_id)
+        plan = build_plan(rows, probes, cfg, settings["transformer"]["patch_size_t"], stamps)
     except BaseException as e:  # every process must reach the vote below, or the others hang
         failure = e
     if ranks.sum([int(failure is not None)])[0]:
@@ -288,11 +297,13 @@ def _open_store(
     if not ranks.is_main:
         if not ranks.broadcast([0])[0]:
             raise SetupAborted("process 0 could not create or open the store (see its messages)")
+        plan = merge(stored_plan(cfg.out), plan, cfg.vae_mini_batch)  # the store process 0 grew
         writer = open_for_write(
             cfg.out, settings=settings, attrs=attrs, plan=plan.store, layout=layout, create=False
         )
         return plan, writer
     try:
+        plan = merge(stored_plan(cfg.out, settings), plan, cfg.vae_mini_batch)
         log.info(
             "planned %d samples in %d buckets (%d chunks), %d captions; %d inputs failed; "
             "header pass and plan %.1f s (this process: %d headers probed, %d from the cache)",
@@ -317,6 +328,8 @@ def _open_store(
         save_probes(cfg.out, probes)
         prune(probe_dir(cfg.out), ranks.world)
         _warn_on_thread_change(writer, cfg.out, attrs["threads"])
+        _log_update(writer, cfg.out)
+        clear_failures(cfg.out)  # this run records afresh what it cannot store
         for f in plan.failures:
             log.warning("skipped %s: %s", f.key, f.reason)
             writer.record_failure(f.key, f.file, f.reason, f.row)
@@ -325,6 +338,33 @@ def _open_store(
         raise
     ranks.broadcast([1])
     return plan, writer
+
+
+def stored_plan(out: Path, settings: dict | None = None) -> StorePlan | None:
+    """The rows an existing store holds (what an incremental plan is merged into), or None for
+    a new store. With `settings`, None too when the store was written with other settings (then
+    `open_for_write` refuses it, naming each difference) or by an older cogfun."""
+    if not (out / "zarr.json").is_file():
+        return None
+    try:
+        root = check_root(out)
+    except StoreError:
+        return None  # open_for_write says what is wrong with it
+    if root["schema_version"] < 2 or (
+        settings is not None and root["fingerprint"] != fingerprint(settings)
+    ):
+        return None
+    return read_plan(out)
+
+
+def _log_update(writer: StoreWriter, out: Path) -> None:
+    update = writer.update
+    if update is not None:  # this run grew the store to an edited dataset
+        log.info(
+            "updated %s to the dataset: %d samples added, %d reused, %d retired, %d restored",
+            out,
+            *(int(update.get(k, 0)) for k in ("added", "reused", "retired", "restored")),
+        )
 
 
 def _jobs(plan: Plan, writer: StoreWriter, ranks: Ranks) -> tuple[list[Job], int]:
@@ -492,7 +532,7 @@ def _finish(ctx: _Context, stats: Stats, started: float) -> tuple[int, Stats, in
     held = 0
     if ranks.is_main:
         ctx.writer.finalize()
-        held = sum(int(ctx.writer.done_slots(b.name).sum()) for b in plan.store.buckets)
+        held = sum(int(v) for v in ctx.writer.root.attrs["counts"].values())  # served ones
     held = ranks.broadcast([held])[0]
     if ranks.is_main:
         log.info(

@@ -128,13 +128,22 @@ class Snapshot:
 
 
 def inspect_json(store: Path, *extra: str) -> tuple[int, dict | None, str]:
-    """`cogfun inspect STORE --json [extra]` in this process: (exit code, JSON or None, stderr)."""
-    from cogfun.app.cli import app
-    from typer.testing import CliRunner
+    """`cogfun inspect STORE --json [extra]` in this process: (exit code, JSON or None, stderr).
+    It calls what the command runs (`precompute.inspect.inspect_store`), not the CLI: the app
+    layer imports `cogfun.testing` (tiny-model, demo), so `cogfun.testing` never imports it."""
+    import contextlib
+    import io
 
-    res = CliRunner().invoke(app, ["inspect", str(store), "--json", *extra])
-    data = json.loads(res.stdout) if res.stdout.strip() else None
-    return res.exit_code, data, res.stderr
+    from cogfun.precompute.inspect import inspect_store
+
+    unknown = [e for e in extra if e != "--verify"]
+    if unknown:
+        raise ValueError(f"inspect_json: only --verify is supported, got {unknown}")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = inspect_store(store, as_json=True, verify="--verify" in extra)
+    data = json.loads(out.getvalue()) if out.getvalue().strip() else None
+    return code, data, err.getvalue()
 
 
 def snapshot(store: Path) -> Snapshot:

@@ -106,9 +106,11 @@ def schema1_copy(src: Path, dst: Path) -> Path:
         folder = meta_path.parent
         data = zarr.open_array(str(src / folder.relative_to(dst)), mode="r")[...]
         shutil.rmtree(folder)
+        if folder.name == "checksum" and data.ndim == 2:  # recomputed below, schema 1's way
+            data = np.zeros(data.shape[0], dtype=np.uint64)
         inner = meta["codecs"][0]["configuration"]
         compressors = [c for c in inner["codecs"] if c["name"] == "blosc"]
-        shape = tuple(meta["shape"])
+        shape = tuple(data.shape)
         out = zarr.create_array(
             str(folder),
             shape=shape,
@@ -119,6 +121,8 @@ def schema1_copy(src: Path, dst: Path) -> Path:
             chunk_key_encoding={"name": "default", "separator": "."},
         )
         out[...] = data
+    for group in sorted(p for p in (dst / "buckets").iterdir() if p.is_dir()):
+        _schema1_checksums(src / "buckets" / group.name, group)
     root = dst / "zarr.json"
     meta = json.loads(root.read_text())
     meta["attributes"]["schema_version"] = 1
@@ -139,3 +143,22 @@ def shard_rows(store: Path, bucket: str, array: str, row: int) -> tuple[list[int
     rows = list(range(lo, min(lo + shard[0], meta["shape"][0])))
     stored = table[:, 0].reshape(shard[0], parts) != EMPTY
     return rows, [r for r in rows if stored[r - lo].any()]
+
+
+def _schema1_checksums(src: Path, dst: Path) -> None:
+    """Schema 1 kept one checksum a sample (`schema.sample_checksum`) where schema 2 keeps the
+    sample's and one per variant: rewrite `checksum` the old way for every done sample."""
+    from cogfun.common.store.sums import (
+        sample_checksum,
+    )
+
+    group = zarr.open_group(str(src), mode="r")
+    done = np.asarray(group["checksum"][:])[:, 0] != 0
+    names = [n for n in ("latents", "masks", "masked_latents", "all_masked") if n in group]
+    data = {n: np.asarray(group[n][:]) for n in names}
+    captions, hashes = np.asarray(group["caption"][:]), np.asarray(group["provenance_hash"][:])
+    sums = np.zeros(len(done), dtype=np.uint64)
+    for slot in np.flatnonzero(done).tolist():
+        one = {n: a[slot] for n, a in data.items()}
+        sums[slot] = sample_checksum(src.name, slot, one, int(captions[slot]), int(hashes[slot]))
+    zarr.open_array(str(dst / "checksum"), mode="r+")[:] = sums

@@ -17,6 +17,8 @@ import pytest
 import torch
 from cogfun.common.store import open_store
 from cogfun.precompute.config import PrecomputeConfig
+from cogfun.precompute.metadata import read_metadata
+from cogfun.precompute.plan import content_keys, probe_key
 from cogfun.precompute.run import run
 from cogfun.testing.media import make_sample_dataset, write_image, write_video
 from cogfun.testing.runs import OPTS
@@ -185,10 +187,19 @@ def corpus(tmp_path_factory, tiny_model_dir):
     out = root / "s.zarr"
     code = run(PrecomputeConfig(data=root / "data", model=tiny_model_dir, out=out, **CORPUS_OPTS))
     reader = open_store(out)
+    # Samples are keyed by content: the row a sample came from is the row with its key.
+    rows = read_metadata(meta, root / "data")
+    stamps = {}
+    for r in rows:
+        if r.path.is_file():
+            st = r.path.stat()
+            stamps[probe_key(r)] = (st.st_size, st.st_mtime_ns)
+    row_of = {key: r.index for (key, _, _), r in zip(content_keys(rows, stamps), rows, strict=True)}
     stored: dict[int, list[tuple[str, int]]] = {}
     for name, info in reader.buckets.items():
         for slot in info.slots:
-            stored.setdefault(reader.provenance(name, int(slot))["row"], []).append((name, slot))
+            key = reader.provenance(name, int(slot))["key"].rsplit(".v", 1)[0]
+            stored.setdefault(row_of[key], []).append((name, slot))
     failed: dict[int, list[dict]] = {}
     for f in reader.failures():
         failed.setdefault(f["row"], []).append(f)

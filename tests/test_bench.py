@@ -303,3 +303,29 @@ def test_plan_scale_bench_quick_prints_its_figures():
         base, read = float(fig["plan_rss_mb_base"]), float(fig[f"read_rss_mb_{label}"])
         assert 0 < base <= read <= float(fig[f"plan_rss_mb_{label}"])
     assert float(fig["plan_growth_10k_vs_1k"]) > 1
+
+
+def test_store_layout_bench_counts_the_shard_files():
+    """16 samples a shard, stores of 1 and 3 shards: the larger adds 2 shards x 5 per-sample
+    arrays (the captions fit one shard in both) for 32 samples; one file per sample per array
+    and per caption in the schema-1 copy."""
+    fig = _run("store_layout", "--shards", "1,3", "--shard-samples", "16", timeout=300)
+    assert fig["samples"] == "16 and 48"
+    assert float(fig["files_per_sample"].split()[0]) == pytest.approx(2 * 5 / 32)
+    assert float(fig["files_per_sample_schema1"]) > 5  # 5 arrays a sample, and the captions
+    assert float(fig["file_reduction"]) > 3
+    assert 0 < float(fig["open_s"]) < 5
+
+
+def test_incremental_bench_reports_the_update_against_a_full_encode():
+    """8 clips, then clip 0 dropped, clip 1 recaptioned and 2 added: the update encodes the 3
+    new or changed rows, reuses the other 6 and retires 2 (clip 0 and clip 1's old caption),
+    and ends with a fresh store's digest."""
+    fig = _run(
+        "incremental", "--clips", "8", "--added", "2", "--frames", "5", "--size", "32", timeout=600
+    )
+    assert (fig["update_encoded"], fig["update_reused"], fig["update_retired"]) == ("3", "6", "2")
+    assert fig["update_equals_fresh"] == "1"
+    assert float(fig["update_vs_full"]) == pytest.approx(
+        float(fig["update_s"]) / float(fig["full_encode_s"]), abs=0.01
+    )

@@ -12,12 +12,12 @@ import pytest
 from cogfun.common.decode import (
     DecodeError,
     MediaInfo,
-    _read_decord,
-    _read_pyav,
     cap_short_side,
     clip_indices,
     probe,
+    read_decord,
     read_image,
+    read_pyav,
     read_video_frames,
 )
 from cogfun.testing.media import write_image, write_video
@@ -125,13 +125,13 @@ def test_rotated_video_comes_out_in_display_orientation(videos, name, turns):
 
 def test_decord_and_pyav_agree_on_rotated_clip(videos):
     indices = [0, 2, 5]
-    decord_frames = _read_decord(videos["big_rot90"], indices)
-    pyav_frames = _read_pyav(videos["big_rot90"], indices)
+    decord_frames = read_decord(videos["big_rot90"], indices)
+    pyav_frames = read_pyav(videos["big_rot90"], indices)
     assert decord_frames.shape == pyav_frames.shape == (3, 160, 96, 3)
     assert np.array_equal(decord_frames, pyav_frames)
     # the decord failure the PyAV fallback exists for (get_batch on a small rotated clip)
     with pytest.raises(Exception, match="from_size == to_size"):
-        _read_decord(videos["rot90"], indices)
+        read_decord(videos["rot90"], indices)
 
 
 def test_ten_bit_video_decodes_close_to_eight_bit(videos):
@@ -139,7 +139,7 @@ def test_ten_bit_video_decodes_close_to_eight_bit(videos):
     ten = read_video_frames(videos["p10"], [0, 10], None).astype(int)
     assert ten.shape == (2, 48, 64, 3)
     assert np.abs(ten - eight).mean() < 6
-    assert np.abs(_read_pyav(videos["p10"], [0, 10]).astype(int) - ten).mean() < 5
+    assert np.abs(read_pyav(videos["p10"], [0, 10]).astype(int) - ten).mean() < 5
 
 
 def _write_vfr(path, durations_ms: list[int]):
@@ -167,7 +167,7 @@ def test_variable_frame_rate_video(tmp_path):
     assert frames.shape == (3, 48, 64, 3)
     # frame t is a flat grey of 10*t: the indices are frame positions, not timestamps
     assert np.allclose(frames.reshape(3, -1).mean(1), [0, 70, 190], atol=3)
-    assert np.array_equal(frames, _read_pyav(path, [0, 7, 19]))
+    assert np.array_equal(frames, read_pyav(path, [0, 7, 19]))
 
 
 @pytest.mark.parametrize(

@@ -254,7 +254,7 @@ def test_a_store_a_live_precompute_is_writing(store, tmp_path, tiny_model_dir):
     args = precompute_args(data, tiny_model_dir, out)
     proc = subprocess.Popen(
         [str(BIN / "cogfun"), *args],
-        env=hook_env(tmp_path, "pause:380", log=log),
+        env=hook_env(tmp_path, "pause:1:/latents/.staged/", log=log),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -140,14 +141,22 @@ def test_other_model_files_are_refused_naming_the_part(
     _refused(PrecomputeConfig(data=data, model=model, out=out, **OPTS), capsys, out, digest, keys)
 
 
-def test_other_metadata_is_refused(base, tiny_model_dir, tmp_path, capsys):
+def test_an_edited_dataset_updates_the_store_instead(base, tiny_model_dir, tmp_path, capsys):
+    """The dataset is not part of the fingerprint: an edited metadata file updates the store
+    (in full: tests/test_incremental.py); every setting is still checked."""
     _, data, out, digest = base
+    store = Path(shutil.copytree(out, tmp_path / "s.zarr"))
     moved = Path(shutil.copytree(data, tmp_path / "data"))
     rows = json.loads((moved / "metadata.json").read_text())
     rows[0]["text"] = "another caption"
     (moved / "metadata.json").write_text(json.dumps(rows))
-    cfg = PrecomputeConfig(data=moved, model=tiny_model_dir, out=out, **OPTS)
-    _refused(cfg, capsys, out, digest, ["metadata_sha256"])
+    capsys.readouterr()
+    assert run(PrecomputeConfig(data=moved, model=tiny_model_dir, out=store, **OPTS)) == 0
+    err = capsys.readouterr().err
+    assert "written with different settings" not in err
+    assert re.search(r"updated .*s\.zarr to the dataset: [1-9]\d* samples added, \d+ reused", err)
+    assert open_store(store).digest() != digest
+    assert open_store(out).digest() == digest
 
 
 def test_what_changes_no_byte_is_accepted(base, tiny_model_dir, tmp_path, capsys):

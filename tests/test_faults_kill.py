@@ -63,7 +63,8 @@ def test_kill_at_a_write_then_resume_is_identical(setup, tiny_model_dir, point):
     root, data, ref, writes = setup
     mode, kind, last = POINTS[point]
     n = _first(writes, kind, last)
-    out, log = root / f"{mode}.zarr", root / f"{mode}.log"
+    name = "".join(c if c.isalnum() else "-" for c in point)  # one store per point
+    out, log = root / f"{name}.zarr", root / f"{name}.log"
     args = precompute_args(data, tiny_model_dir, out)
     res = cogfun(args, hook_env(root, f"{mode}:{n}", log=log))
     assert res.returncode == KILLED, res.stderr[-2000:]

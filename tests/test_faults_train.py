@@ -23,6 +23,7 @@ from cogfun.testing.runs import (
     train_cli_args,
     train_compare,
 )
+from cogfun.testing.store_files import flip_byte
 
 pytestmark = pytest.mark.slow
 
@@ -101,8 +102,7 @@ def test_skip_damaged_trains_around_a_damaged_sample(setup, tiny_model_dir, tmp_
     reader = open_store(damaged)
     bucket = max(reader.buckets, key=lambda b: len(reader.buckets[b].slots))
     slot = int(reader.buckets[bucket].slots[0])
-    (chunk,) = (damaged / "buckets" / bucket / "latents").glob(f"c.{slot}.*")
-    chunk.write_bytes(chunk.read_bytes()[:10])
+    flip_byte(damaged, bucket, "latents", slot)  # one sample's chunk inside its shard
     out = tmp_path / "out"
     steps = dict(max_train_steps=6, checkpointing_steps=6, skip_damaged=True)
     res = cogfun(train_cli_args(damaged, tiny_model_dir, out, **steps), hook_env(root))

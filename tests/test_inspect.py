@@ -115,9 +115,10 @@ def test_inspect_json_has_the_promised_keys(tmp_path):
     assert data["settings"] == SETTINGS and data["status"] == "complete"
     assert data["bytes"] > sum(b["bytes"] for b in data["buckets"]) > 0
     assert data["compression_ratio"] == pytest.approx(data["raw_bytes"] / data["bytes"])
-    # raw payload: bf16 arrays + all_masked byte + caption index + checksum per sample, embeddings
-    video = (2 * 8 * 4 * 6 + 2 * 4 * 6 + 2 * 8 * 4 * 6) * 2 + 1 + 8 + 8
-    image = (8 * 2 * 2 + 2 * 2 + 8 * 2 * 2) * 2 + 1 + 8 + 8
+    # raw payload: bf16 arrays + all_masked byte + caption index + checksums (the sample's and
+    # its one variant's) per sample, embeddings
+    video = (2 * 8 * 4 * 6 + 2 * 4 * 6 + 2 * 8 * 4 * 6) * 2 + 1 + 8 + 2 * 8
+    image = (8 * 2 * 2 + 2 * 2 + 8 * 2 * 2) * 2 + 1 + 8 + 2 * 8
     assert data["raw_bytes"] == 2 * video + image + 2 * 5 * 6 * 2
 
 

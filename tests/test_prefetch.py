@@ -216,9 +216,9 @@ def test_a_batch_reads_only_the_plan_chunks_that_hold_its_slots(tmp_path, monkey
     (read once each), so a 100k-sample bucket's first batch costs what a 1k one's does."""
     from cogfun.common.store import chunks as store_chunks
     from cogfun.common.store import open_store
-    from cogfun.common.store import schema as store_schema
+    from cogfun.common.store import specs as store_specs
 
-    monkeypatch.setattr(store_schema, "PLAN_CHUNK_ROWS", 3)  # 10 rows: chunks 0-2, 3-5, 6-8, 9
+    monkeypatch.setattr(store_specs, "PLAN_CHUNK_ROWS", 3)  # 10 rows: chunks 0-2, 3-5, 6-8, 9
     path = tmp_path / "chunks.zarr"
     rows = [RowPlan(1 + i % 3, {"i": i}) for i in range(10)]
     plan = StorePlan([BucketPlan("f1_h8_w8", 1, 8, 8, 1, 1, 1, rows)], ["", "a", "b", "c"])

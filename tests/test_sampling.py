@@ -8,7 +8,7 @@ import pytest
 import torch
 from cogfun.common.fun_vae import fun_decode, plain_decode
 from cogfun.common.sample_inputs import SampleSize, snap_size
-from cogfun.common.sampling import NOISE_AUG_SIGMA, _noise_aug, generate, inpaint_conditioning
+from cogfun.common.sampling import NOISE_AUG_SIGMA, generate, inpaint_conditioning, noise_augment
 from cogfun.common.schedulers import SCHEDULERS, build_scheduler
 from cogfun.common.transformer import load_transformer
 from diffusers import AutoencoderKLCogVideoX
@@ -130,7 +130,7 @@ def test_fun_decode_frame_counts_and_restores_the_vae(models):
 def test_noise_aug_leaves_masked_pixels_and_has_the_pipeline_sigma():
     masked = torch.full((1, 3, 5, 64, 64), -1.0)
     masked[:, :, 0] = 0.25
-    out = _noise_aug(masked, torch.Generator().manual_seed(0))
+    out = noise_augment(masked, torch.Generator().manual_seed(0))
     assert torch.equal(out[:, :, 1:], masked[:, :, 1:])
     noise = out[:, :, 0] - 0.25
     assert abs(noise.std().item() - NOISE_AUG_SIGMA) < 0.003

@@ -94,7 +94,8 @@ def test_the_pattern_catches_each_form():
 #
 # `bench` is a package run as `python -m bench.NAME` from the repository root; its modules import
 # public names of cogfun (fixtures from `cogfun.testing`) and of one another, never the tests'
-# helpers, and no file of bench/ or tests/ edits the import path (pytest's `pythonpath` and
+# helpers; tests, too, reach no private name of cogfun; and no file of bench/ or tests/ edits the
+# import path (pytest's `pythonpath` and
 # `python -m` put the root there).
 
 PATH_EDITS = {"syspath_prepend", "addsitedir"}
@@ -123,8 +124,6 @@ def import_problems(source: str, bench: bool, test_modules: set[str]) -> list[st
         dotted = _dotted(node) if isinstance(node, ast.Attribute) else None
         if dotted == "sys.path" or (dotted and node.attr in PATH_EDITS):
             found.append(f"line {node.lineno}: touches the import path ({dotted})")
-        if not bench:
-            continue
         if isinstance(node, ast.Import):
             names = [(a.name, a.asname or a.name.split(".")[0], a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -135,13 +134,13 @@ def import_problems(source: str, bench: bool, test_modules: set[str]) -> list[st
             names = []
         for module, local, full in names:
             top = module.split(".")[0]
-            if top == "tests" or top in test_modules:
+            if bench and (top == "tests" or top in test_modules):
                 found.append(f"line {node.lineno}: imports {module} from tests/")
             elif top in ("cogfun", "bench"):
                 if _private(full):
                     found.append(f"line {node.lineno}: imports the private {full}")
                 bound[local] = full
-    for node in ast.walk(tree) if bench else ():
+    for node in ast.walk(tree):
         dotted = _dotted(node) if isinstance(node, ast.Attribute) else None
         root = dotted.split(".")[0] if dotted else None
         if root in bound and _private(dotted.split(".", 1)[1]):
@@ -194,3 +193,6 @@ def test_the_import_rules_catch_each_form():
     for source in fine:
         assert not check(source), (source, check(source))
     assert not check("from train_support import make_store", bench=False)
+    # Tests, too, use only public names of the product.
+    assert check("from cogfun.common.sampling import _noise_aug", bench=False)
+    assert check("from cogfun.common import store\nstore._x", bench=False)

@@ -152,7 +152,8 @@ def test_round_trip_is_bit_exact_with_every_shape(tmp_path):
     assert shapes["latents"] == [5, 2, 8, 4, 6] and shapes["masks"] == [5, 2, 2, 1, 4, 6]
     assert shapes["masked_latents"] == [5, 2, 2, 8, 4, 6] and shapes["all_masked"] == [5, 2]
     assert shapes["all_masked_latents"] == [2, 8, 4, 6]
-    assert shapes["caption"] == shapes["provenance"] == shapes["checksum"] == [5]
+    assert shapes["caption"] == shapes["provenance"] == [5]
+    assert shapes["checksum"] == [5, 3]  # the sample's checksum, then one per mask variant
     emb = json.loads((store / "captions" / "embeddings" / "zarr.json").read_text())
     # Schema 2: captions sharded 1024 to a file, one inner chunk per caption.
     assert emb["shape"] == [3, 6, 8]

@@ -24,7 +24,7 @@ from cogfun.common.store import (
 from cogfun.common.store import chunks as store_chunks
 from cogfun.common.store.chunks import chunk_files
 from cogfun.common.store.shards import shard_files
-from cogfun.testing.store_files import chunk_range, drop_chunk, schema1_copy
+from cogfun.testing.store_files import chunk_range, drop_chunk, flip_byte, schema1_copy
 
 BUCKET = "f5_h16_w16"
 K = 2
@@ -188,9 +188,9 @@ def test_damaged_chunks_are_named(tmp_path):
 def test_done_flags_of_a_torn_or_missing_shard_count_as_not_done(tmp_path):
     _write(tmp_path / "s.zarr", 12, bulk=True)
     folder = tmp_path / "s.zarr" / "buckets" / BUCKET / "checksum"
-    (folder / "c.0").write_bytes((folder / "c.0").read_bytes()[:-7])  # torn: index unreadable
-    (folder / "c.2").unlink()
-    (folder / "c.2.123-456.partial").write_bytes(b"\x01" * 8)  # an interrupted write's temp file
+    (folder / "c.0.0").write_bytes((folder / "c.0.0").read_bytes()[:-7])  # torn: no index
+    (folder / "c.2.0").unlink()
+    (folder / "c.2.0.123-456.partial").write_bytes(b"\x01" * 8)  # an interrupted write's temp
     flags = shard_files(json.loads((folder / "zarr.json").read_text()), folder).read_flags()
     assert np.flatnonzero(flags == 0).tolist() == [0, 1, 2, 3, 4, 10, 11]
 
@@ -267,3 +267,46 @@ def test_read_chunk_of_a_multi_row_array_matches_zarr(tmp_path, compressed):
     assert not os.path.exists(files.path(1))
     got = np.concatenate([files.read_chunk(c) for c in range(3)])
     assert got.shape == (12,) and np.array_equal(got[:10], np.asarray(arr[:]))
+
+
+def test_reading_only_the_picked_variants(tmp_path, monkeypatch):
+    """`variants` reads the latents and just the mask variants asked for, each verified against
+    its own checksum; the others come back as zeros and are never read."""
+    _write(tmp_path / "s.zarr", 12, bulk=True)
+    r = open_store(tmp_path / "s.zarr")
+    slots, picks = [0, 4, 7], [[1], [0], [0, 1]]
+    full = r.read_batch(BUCKET, slots)
+    part = r.read_batch(BUCKET, slots, variants=picks)
+    read = part["variants_read"]
+    assert read.tolist() == [[False, True], [True, False], [True, True]]
+    assert torch.equal(part["latents"].view(torch.uint16), full["latents"].view(torch.uint16))
+    for name in ("masks", "masked_latents"):
+        got, want = part[name].view(torch.uint16), full[name].view(torch.uint16)
+        assert torch.equal(got[read], want[read])  # all-masked ones substituted as in a full read
+        assert not got[~read].any()
+    # Bytes read: about half the variant bytes (4 of 6 variants here), never the unpicked ones.
+    counted: list[int] = []
+    real = store_chunks.read_chunk_bytes
+
+    def count(path, start=0, length=None):
+        data = real(path, start, length)
+        counted.append(len(data or b""))
+        return data
+
+    monkeypatch.setattr(store_chunks, "read_chunk_bytes", count)
+    open_store(tmp_path / "s.zarr").read_batch(BUCKET, [5], variants=[[0]])
+    one = sum(counted)
+    counted.clear()
+    open_store(tmp_path / "s.zarr").read_batch(BUCKET, [5])
+    assert 0 < one < sum(counted)
+    monkeypatch.setattr(store_chunks, "read_chunk_bytes", real)
+    # Damage in a variant a step does not use is not read; in one it uses, it is named.
+    flip_byte(tmp_path / "s.zarr", BUCKET, "masked_latents", 5, part=1)
+    r = open_store(tmp_path / "s.zarr")
+    assert r.read_batch(BUCKET, [5], variants=[[0]])["variants_read"].tolist() == [[True, False]]
+    with pytest.raises(DamagedSample, match=r"5 \(source clip5\.mp4\)"):
+        r.read_batch(BUCKET, [5], variants=[[1]])
+    with pytest.raises(DamagedSample):
+        r.read_batch(BUCKET, [5])
+    with pytest.raises(StoreError, match="variant 2 is outside 0..1"):
+        r.read_batch(BUCKET, [4], variants=[[2]])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cogfun.common.fields import option
+from cogfun.common.modes import MODES
 
 DEFAULT_MODEL = "models/Diffusion_Transformer/CogVideoX-Fun-2b-InP"
 
@@ -45,7 +46,7 @@ class TrainConfig:
         "what the model is (transformer/config.json in_channels 33: inpaint, 16: normal); "
         "widening a 16-channel model to 33 channels needs --mode inpaint given explicitly.",
         aliases=("train_mode",),
-        choices=("inpaint", "normal"),
+        choices=tuple(MODES),
         shown="the model's",
     )
     seed: int = option(

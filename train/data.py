@@ -53,7 +53,9 @@ from torch.utils.data import Dataset, get_worker_info
 log = logging.getLogger(__name__)
 
 BucketKey = str | tuple[int, str]  # a bucket name, or (store index, bucket name) for several
-Batch = tuple[BucketKey, list[int]]  # (bucket, slots in that bucket)
+# (bucket, slots in that bucket), and when training follows the stream with a variant picker the
+# (step, micro-step) the batch trains at (`cogfun.train.picks`)
+Batch = tuple[BucketKey, list[int]] | tuple[BucketKey, list[int], tuple[int, int]]
 BACKENDS = ("threads", "processes")  # how the loader's workers run (make_dataloader)
 
 
@@ -197,11 +199,16 @@ class StoreBatchDataset(Dataset):
     The store is opened on first use in each process, so constructing the dataset (and pickling it
     into spawned workers) never carries an open store. A damaged sample raises
     ``DamagedSample`` naming it, unless ``skip_damaged``: then it is dropped from the batch and logged.
+    ``dataset[(bucket, slots, (step, micro))]`` with a ``picker`` reads, of an inpaint store, only
+    the mask variants the training step at that position draws (``variants_read`` says which).
     """
 
-    def __init__(self, store_path: str | Path, skip_damaged: bool = False) -> None:
+    def __init__(
+        self, store_path: str | Path, skip_damaged: bool = False, picker: Any = None
+    ) -> None:
         self.store_path = Path(store_path)
         self.skip_damaged = skip_damaged
+        self.picker = picker  # a cogfun.train.picks.VariantPicker, or None: every variant
         self._reader: Any = None
         self._reader_pid: int | None = None
 
@@ -228,10 +235,12 @@ class StoreBatchDataset(Dataset):
         from cogfun.common.store import DamagedSample
 
         bucket, slots = batch[0], [int(s) for s in batch[1]]
+        at = batch[2] if len(batch) > 2 else None
         reader = self.reader()
         while True:
             try:
-                out = dict(reader.read_batch(bucket, slots, verify=True))
+                variants = self._variants(reader, bucket, len(slots), at)
+                out = dict(reader.read_batch(bucket, slots, verify=True, variants=variants))
                 break
             except DamagedSample as exc:
                 if not self.skip_damaged or exc.slot not in slots:
@@ -242,6 +251,15 @@ class StoreBatchDataset(Dataset):
         out["bucket"] = bucket
         out["slots"] = slots
         return out
+
+    def _variants(
+        self, reader: Any, bucket: str, size: int, at: tuple[int, int] | None
+    ) -> list[list[int]] | None:
+        """The mask variants of each sample the step at `at` uses; None (all) without a position,
+        a picker or mask variants (a normal store)."""
+        if at is None or self.picker is None or not reader.layout.masks_per_sample:
+            return None
+        return self.picker.picks(bucket, reader.buckets[bucket].latent_shape, size, at)
 
     @staticmethod
     def _caption_embeds(reader: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -266,8 +284,8 @@ class MultiStoreDataset(Dataset):
         return [part.reader() for part in self.parts]
 
     def __getitem__(self, batch: Batch) -> dict[str, Any]:
-        (index, bucket), slots = batch[0], batch[1]
-        out = self.parts[index][(bucket, slots)]
+        (index, bucket), rest = batch[0], tuple(batch[1:])
+        out = self.parts[index][(bucket, *rest)]
         out["store"] = index
         return out
 
@@ -285,6 +303,7 @@ def make_dataloader(
     skip_damaged: bool = False,
     prefetch_factor: int | None = None,
     backend: str = "threads",
+    picker: Any = None,
 ) -> tuple[ThreadLoader | EpochLoader, BucketBatchSampler]:
     """A loader yielding one store batch per item, and its sampler (for set_epoch/set_position).
 
@@ -296,7 +315,10 @@ def make_dataloader(
     (``batch_size=None``: the sampler yields whole batches and the dataset reads each in one
     call, so there is no per-sample fetch and no collation). ``num_workers`` 0 reads in the
     caller's thread either way. A threads batch is ready once read, so fewer need to wait ahead
-    (a real 2b-InP batch of 4 with 4 mask variants is ~100 MB).
+    (a real 2b-InP batch of 4 with 4 mask variants is ~100 MB). ``picker`` (the trainer's
+    `cogfun.train.picks.VariantPicker`): ``follow`` then reads only the mask variants each step
+    draws (that batch: 32 MB read instead of 69, `python -m bench.loader`); passes by hand read
+    every variant.
     """
     from cogfun.common.store import open_store
 
@@ -317,7 +339,7 @@ def make_dataloader(
         num_replicas=world,
         rank=rank,
     )
-    parts = [StoreBatchDataset(path, skip_damaged=skip_damaged) for path, _ in pairs]
+    parts = [StoreBatchDataset(path, skip_damaged, picker) for path, _ in pairs]
     dataset: Any = MultiStoreDataset(parts) if several else parts[0]
     pin = torch.cuda.is_available()
     if backend == "threads":
@@ -325,7 +347,9 @@ def make_dataloader(
             part.use_reader(reader)
         ahead = (prefetch_factor or 2) * num_workers
         device = torch.cuda.current_device() if pin else None  # this rank's, set by accelerate
-        return ThreadLoader(dataset, sampler, num_workers, ahead, pin, device), sampler
+        threads = ThreadLoader(dataset, sampler, num_workers, ahead, pin, device)
+        threads.picker = picker
+        return threads, sampler
     # Only the done-slot lists are taken from these readers; workers open their own.
     workers = {}
     if num_workers > 0:
@@ -345,6 +369,7 @@ def make_dataloader(
         generator=torch.Generator().manual_seed(seed),
         **workers,
     )
+    loader.picker = picker
     return loader, sampler
 
 

@@ -9,7 +9,6 @@ weights/optimizer come from the checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -28,6 +27,7 @@ from cogfun.train.data import BucketBatchSampler
 from cogfun.train.divergence import DivergenceGuard, TrainingDiverged, finite, skip_update
 from cogfun.train.loss import compute_loss, prepare_batch
 from cogfun.train.metrics import LOSS_PLOT, MetricsLog, plot_loss
+from cogfun.train.picks import step_seed
 from cogfun.train.prefetch import EpochPasses
 from cogfun.train.state import TrainingState
 from diffusers import DDPMScheduler
@@ -35,12 +35,6 @@ from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
-
-
-def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """The seed of one micro-step's generator: independent across ranks, steps and micro-steps."""
-    digest = hashlib.sha256(f"cogfun-train:{seed}:{rank}:{step}:{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: manual_seed's safe range
 
 
 def tile_batch(raw: dict[str, Any], k: int) -> dict[str, Any]:
@@ -144,11 +138,19 @@ class Trainer:
 
 
 def batch_stream(t: Trainer) -> Iterator[dict[str, Any]]:
-    """Store batches from the state's position on, across epochs (`t.state` counts them)."""
-    for raw in t.data.loader.follow(t.state):
-        if raw["latents"].shape[0] == 0:  # --skip-damaged dropped every sample of the batch
-            continue
-        yield raw
+    """Store batches from the state's position on, across epochs (`t.state` counts them).
+
+    `fit` starts it at a step boundary, so the n-th batch it yields is micro-step n % accumulation.
+    The loader read each batch's mask variants for that position (`cogfun.train.picks`); a batch
+    that --skip-damaged emptied trains at no position, so the stream is followed again from the
+    next batch's (the loader rereads what it read ahead for positions one later)."""
+    accumulation, handed = t.accelerator.gradient_accumulation_steps, 0
+    while True:
+        for raw in t.data.loader.follow(t.state, micro=handed % accumulation):
+            if raw["latents"].shape[0] == 0:  # --skip-damaged dropped every sample of the batch
+                break
+            handed += 1
+            yield raw
 
 
 def _to_device(raw: dict[str, Any], device: torch.device) -> dict[str, Any]:

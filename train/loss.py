@@ -9,24 +9,26 @@ Two steps, each reproducible from one `torch.Generator` (the loop saves and rest
 2. `compute_loss` draws the noise and then the timesteps, builds the noisy latents and the
    velocity target with the DDPM schedule, runs the transformer and takes the mean squared error.
 
-The DDPM schedule is diffusers' `DDPMScheduler` read from the model's scheduler config. The shipped
-config is a CogVideoXDDIM one; DDPMScheduler ignores its `snr_shift_scale`, exactly as the original
-training does. Draws are float32 (the original draws noise in bf16).
+The DDPM schedule is diffusers' `DDPMScheduler` read from the model's scheduler config
+(`common.schedulers.load_noise_scheduler`, re-exported here). The shipped config is a CogVideoXDDIM
+one; DDPMScheduler ignores its `snr_shift_scale`, exactly as the original training does. Posterior
+samples come from `common.posterior`, the function precompute's `--latent-format sample` uses. Draws
+are float32 (the original draws noise in bf16).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cogfun.common.modes import mode_facts
+from cogfun.common.posterior import sample_posterior, standard_normal
+from cogfun.common.schedulers import load_noise_scheduler  # noqa: F401 (re-export)
 from cogfun.common.transformer import transformer_forward
 from diffusers import DDPMScheduler
 from torch import Tensor, nn
-
-MODES = ("normal", "inpaint")
 
 
 @dataclass
@@ -38,39 +40,10 @@ class LossOutput:
     timesteps: Tensor  # (B,) int64
 
 
-def load_noise_scheduler(model_dir: str | Path) -> DDPMScheduler:
-    """The training noise schedule: a model folder's `scheduler/`, or a scheduler folder itself."""
-    folder = Path(model_dir)
-    if (folder / "scheduler" / "scheduler_config.json").is_file():
-        folder = folder / "scheduler"
-    elif not (folder / "scheduler_config.json").is_file():
-        raise FileNotFoundError(
-            f"{folder}: no scheduler_config.json (looked in the folder and in its scheduler/)"
-        )
-    return DDPMScheduler.from_pretrained(folder, local_files_only=True)
-
-
-def _randn(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard normal float32 drawn on the generator's device, then moved to `device`."""
-    where = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(device)
-
-
 def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Uniform [0, 1) float32 of shape (n,), drawn on the generator's device."""
     where = generator.device if generator is not None else device
     return torch.rand(n, generator=generator, device=where).to(device)
-
-
-def sample_posterior(moments: Tensor, generator: torch.Generator | None) -> Tensor:
-    """A sample of the VAE posterior stored as moments (B, F, 2C, h, w) -> (B, F, C, h, w) float32.
-
-    Moments are mean then log-variance on the channel axis, with diffusers'
-    DiagonalGaussianDistribution clamp of the log-variance to [-30, 20]. Not scaled.
-    """
-    mean, logvar = moments.float().chunk(2, dim=2)  # (B, F, C, h, w) each
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    return mean + std * _randn(mean.shape, generator, mean.device)
 
 
 def pick_variants(all_masked: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -166,7 +139,7 @@ def compute_loss(
     x0 = batch["latents"].float()  # (B, F, C, h, w)
     device = x0.device
     if noise is None:
-        noise = _randn(x0.shape, generator, device)
+        noise = standard_normal(x0.shape, generator, device)
     if timesteps is None:
         steps = num_train_timesteps or scheduler.config.num_train_timesteps
         where = generator.device if generator is not None else device
@@ -207,6 +180,21 @@ def _latents_from_store(
     raise ValueError(f"latent_format {latent_format!r} is not one of 'moments', 'sample'")
 
 
+def _check_variants_read(read: Tensor | None, rows: Tensor, variant: Tensor) -> None:
+    """The loader read only the variants it worked out this step would draw (`variants_read`
+    (B, K) bool, `cogfun.train.picks`); one it left unread is zeros, never to be trained on."""
+    if read is None:
+        return
+    missed = ~read[rows.to(read.device), variant.to(read.device)]  # (B,)
+    if bool(missed.any()):
+        where = [(int(i), int(variant[i])) for i in missed.nonzero().flatten()[:4].tolist()]
+        raise RuntimeError(
+            "the loader's pick of mask variants fell out of step with the trainer's draw: (row, "
+            f"variant) {where} was not read (a bug in cogfun.train.picks or in what positions the "
+            "loader was given)"
+        )
+
+
 def prepare_batch(
     raw: dict[str, Tensor],
     embeddings: Callable[[Tensor], Tensor],
@@ -227,14 +215,16 @@ def prepare_batch(
     the loader already read the captions' states (`caption_embeds` (B, L, D)), it is asked only
     for the empty caption's, and the result is the same.
     `latent_format` says whether the store holds VAE moments or one sample. Normal mode ignores masks.
+    With `variants_read` (B, K) bool the loader read only those variants (the rest are zeros): a
+    drawn variant it did not read raises RuntimeError.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    needs_masks = mode_facts(mode).needs_masks  # ValueError for an unknown mode
     latents = _latents_from_store(raw["latents"], latent_format, generator) * scaling
     out: dict[str, Tensor] = {"latents": latents}  # (B, F, C, h, w)
-    if mode == "inpaint":
+    if needs_masks:
         rows = torch.arange(latents.shape[0], device=raw["all_masked"].device)
         variant = pick_variants(raw["all_masked"], generator)  # (B,)
+        _check_variants_read(raw.get("variants_read"), rows, variant)
         masked = _latents_from_store(raw["masked_latents"][rows, variant], latent_format, generator)
         flags = draw_t2v_flags(raw["all_masked"][rows, variant], generator, p_zero=t2v_p_zero)
         out["inpaint_latents"] = build_inpaint_latents(

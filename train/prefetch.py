@@ -31,22 +31,34 @@ from torch.utils.data import DataLoader, Dataset
 
 if TYPE_CHECKING:
     from cogfun.train.data import Batch, BucketBatchSampler
+    from cogfun.train.picks import Position, VariantPicker
     from cogfun.train.state import TrainingState
 
 
 class BatchStream:
     """The sampler's batches from `start` = (epoch, batches done) on, epoch after epoch, without
-    end: what the DataLoader draws from, so its workers keep prefetching across epoch ends."""
+    end: what the DataLoader draws from, so its workers keep prefetching across epoch ends.
+
+    With `at` (the (step, micro-step) its first batch trains at) and the `picker` that counts
+    positions on, each batch is `(bucket, slots, position)`: the dataset then reads only the mask
+    variants the step at that position draws (`cogfun.train.picks`)."""
 
     def __init__(self, sampler: BucketBatchSampler) -> None:
         self.sampler = sampler
         self.start = (0, 0)
+        self.at: Position | None = None
+        self.picker: VariantPicker | None = None
 
     def __iter__(self) -> Iterator[Batch]:
         # A generator, so `start` is read at the first draw (see BucketBatchSampler.__iter__).
-        epoch, done = self.start
+        (epoch, done), at, picker = self.start, self.at, self.picker
         while True:
-            yield from self.sampler.batches(epoch, done)
+            for bucket, slots in self.sampler.batches(epoch, done):
+                if at is None or picker is None:
+                    yield bucket, slots
+                    continue
+                yield bucket, slots, at
+                at = picker.after(at)
             epoch, done = epoch + 1, 0
 
 
@@ -59,13 +71,20 @@ class EpochPasses:
     the batches already read ahead; any other position restarts the stream there. A read that
     fails (or is interrupted) ends the stream, so a later pass starts it afresh where it should.
 
+    With a `picker` (`cogfun.train.picks.VariantPicker`, set by the trainer), `follow` also hands
+    each batch's training position to the stream, so only the mask variants the step draws are
+    read; a pass by hand never does (every variant is read), and a stream whose positions are not
+    the ones wanted (a pass by hand, a batch trained at no position) is restarted.
+
     A loader keeps `_stream` (a `BatchStream`) and `_next` (the (epoch, batches done) its stream
-    yields next, or None) and says how to `_restart(start)` the stream, `_take()` its next batch
+    yields next, or None) and says how to `_restart(start, at)` the stream, `_take()` its next batch
     and `_drop()` it."""
 
     batches: BucketBatchSampler
     _stream: BatchStream
     _next: tuple[int, int] | None
+    _next_at: Position | None = None  # the training position the stream's next batch is read for
+    picker: VariantPicker | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -84,21 +103,35 @@ class EpochPasses:
         """The (epoch, batches done) the stream was last (re)started at."""
         return self._stream.start
 
-    def follow(self, state: TrainingState) -> Iterator[dict[str, Any]]:
+    def follow(self, state: TrainingState, micro: int = 0) -> Iterator[dict[str, Any]]:
         """Batches from `state`'s position on, epoch after epoch without end; each batch is
-        counted in `state` as it is handed out, and a finished epoch moves it to the next."""
+        counted in `state` as it is handed out, and a finished epoch moves it to the next. The
+        first batch trains at micro-step `micro` of `state.global_step`, each later one at the
+        micro-step after (what the `picker`, when set, reads the mask variants for)."""
+        at = (state.global_step, micro) if self.picker is not None else None
+        if state.epoch_ended:
+            state.next_epoch()
         while True:
-            for batch in self.epoch_pass(*state.position):
+            for batch in self.epoch_pass(*state.position, at=at):
                 state.took_batch()
+                at = self.picker.after(at) if at is not None else None
                 yield batch
             state.next_epoch()
 
-    def epoch_pass(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
-        """The batches of `epoch` from its batch `start` on (this rank's)."""
+    def epoch_pass(
+        self, epoch: int, start: int = 0, at: Position | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The batches of `epoch` from its batch `start` on (this rank's); with `at` (and a
+        `picker`), the first trains at position `at` and only its mask variants are read."""
         self.batches.check_batches_done(start)
-        return self._epoch((epoch, start))
+        return self._epoch((epoch, start), at)
 
-    def _restart(self, start: tuple[int, int]) -> None:
+    def _start_stream(self, start: tuple[int, int], at: Position | None) -> None:
+        """Point the stream at `start`, its first batch read for training position `at`."""
+        self._stream.start = start
+        self._stream.at, self._stream.picker = at, self.picker
+
+    def _restart(self, start: tuple[int, int], at: Position | None = None) -> None:
         raise NotImplementedError
 
     def _take(self) -> dict[str, Any]:
@@ -107,9 +140,11 @@ class EpochPasses:
     def _drop(self) -> None:
         raise NotImplementedError
 
-    def _epoch(self, want: tuple[int, int]) -> Iterator[dict[str, Any]]:
-        if self._next != want:  # None: no stream running
-            self._restart(want)
+    def _epoch(self, want: tuple[int, int], at: Position | None = None) -> Iterator[dict[str, Any]]:
+        at = at if self.picker is not None else None
+        if self._next != want or self._next_at != at:  # _next None: no stream running
+            self._restart(want, at)
+            self._next_at = at
         epoch, done = want
         while done < len(self):
             try:
@@ -119,6 +154,8 @@ class EpochPasses:
                 raise
             done += 1
             self._next = (epoch, done) if done < len(self) else (epoch + 1, 0)
+            self._next_at = self.picker.after(at) if at is not None else None
+            at = self._next_at
             yield batch
 
 
@@ -149,10 +186,10 @@ class EpochLoader(EpochPasses, DataLoader):
             it._shutdown_workers()
             self._iterator = None
 
-    def _restart(self, start: tuple[int, int]) -> None:
+    def _restart(self, start: tuple[int, int], at: Position | None = None) -> None:
         if self._live[0] is not None:
             self._live[0].stop()  # joined before the workers' iterator is reset under it
-        self._stream.start = start
+        self._start_stream(start, at)
         self._live[0] = _Receiver(DataLoader.__iter__(self), self.ahead)
 
     def _take(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 from cogfun.common.buckets import patchable_latent_frames
 from cogfun.common.model_kind import encoded_for, recorded_for, unsupported_reason
 from cogfun.common.models import ModelFolderError
+from cogfun.common.modes import mode_facts
 from cogfun.train.config import TrainConfig
 
 
@@ -51,14 +52,15 @@ def check_config(cfg: TrainConfig) -> None:
 
 def input_channels(latent_channels: int, mode: str) -> int:
     """Transformer input channels: noisy latents, plus mask + masked-video latents for inpaint."""
-    return 2 * latent_channels + 1 if mode == "inpaint" else latent_channels
+    return mode_facts(mode).input_channels(latent_channels)
 
 
 def check_store(store: Any, tconfig: dict[str, Any], mode: str, model_dir: Path) -> None:
     """Refuse a store this transformer cannot train on in `mode` (the message says what differs)."""
     layout, where = store.layout, f"store {store.path}"
+    needs_masks = mode_facts(mode).needs_masks
     problems = []
-    if mode == "inpaint" and layout.masks_per_sample == 0:
+    if needs_masks and layout.masks_per_sample == 0:
         problems.append(
             "it holds no inpaint masks (it was precomputed with --mode normal): train with "
             "--mode normal, or precompute with --mode inpaint"
@@ -74,10 +76,10 @@ def check_store(store: Any, tconfig: dict[str, Any], mode: str, model_dir: Path)
     if unsupported is not None:
         problems.append(unsupported)
     # A text-to-video checkpoint (C input channels) may start an inpaint run: extra channels start at 0.
-    elif have != need and not (mode == "inpaint" and have == channels):
+    elif have != need and not (needs_masks and have == channels):
         problems.append(
             f"--mode {mode} feeds {need} input channels but the transformer takes {have}"
-            + (" (an inpaint model: use --mode inpaint)" if mode == "normal" else "")
+            + ("" if needs_masks else " (an inpaint model: use --mode inpaint)")
         )
     if layout.text_dim != tconfig.get("text_embed_dim"):
         problems.append(
@@ -91,7 +93,7 @@ def check_store(store: Any, tconfig: dict[str, Any], mode: str, model_dir: Path)
             f"expects {tconfig.get('max_text_seq_length')} (tokenizer_max_length)"
         )
     problems += _layout_problems(store, tconfig)
-    if mode == "inpaint" and layout.masks_per_sample:
+    if needs_masks and layout.masks_per_sample:
         problems += _noise_problems(store.settings, tconfig)
     vae_config = model_dir / "vae" / "config.json"
     if vae_config.is_file():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cogfun.common.buckets import auto_tile_factor
-from cogfun.common.modes import model_mode
+from cogfun.common.modes import MODES, mode_facts, model_mode
 from cogfun.train.config import TrainConfig
 from cogfun.train.preflight import TrainRefused
 
@@ -37,15 +37,16 @@ def resolve_mode(cfg: TrainConfig, tconfig: dict[str, Any], model_dir: Path) -> 
             raise TrainRefused(f"model folder {model_dir}: {reason}")
         log.info("--mode %s: the model's transformer takes %s input channels", mode, have)
         return dataclasses.replace(cfg, mode=mode)
-    if cfg.mode == "inpaint" and have == latent:
+    if mode_facts(cfg.mode).needs_masks and have == latent:
+        widened = MODES["inpaint"].input_channels(latent)
         log.warning(
             "--mode inpaint widens the transformer of %s from %d to %d input channels (the mask "
             "and masked-video channels start at zero): its checkpoints are %d-channel inpaint "
             "models. Leave --mode out to train the %d-channel text-to-video model it is.",
             model_dir,
             have,
-            2 * latent + 1,
-            2 * latent + 1,
+            widened,
+            widened,
             have,
         )
     return cfg

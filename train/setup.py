@@ -28,6 +28,7 @@ from cogfun.train.checkpoint import (
 from cogfun.train.config import TrainConfig
 from cogfun.train.loop import CaptionEmbeddings, ModelParts, TrainData, Trainer
 from cogfun.train.metrics import start_trackers
+from cogfun.train.picks import VariantPicker
 from cogfun.train.preflight import (
     TrainRefused,
     check_config,
@@ -247,6 +248,7 @@ def setup(cfg: TrainConfig, store: StoreSource | None = None) -> Trainer:
         acc.num_processes,
         skip_damaged=cfg.skip_damaged,
         backend=cfg.dataloader_backend,
+        picker=VariantPicker.for_run(cfg, acc, store.layout, tiles),
     )
     max_steps = total_steps(cfg, len(sampler), acc.gradient_accumulation_steps)
     lr_scheduler = optim.make_lr_scheduler(

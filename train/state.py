@@ -8,7 +8,7 @@ their own for training: the sampler's `set_epoch`/`set_position` are for iterati
 by hand, and a loader's read-ahead stream only remembers where it is, to know when a pass continues it.
 
 No random-number state is kept here, as before: every micro-step seeds its own generator from
-(seed, rank, step, micro-step) (`cogfun.train.loop.step_seed`), so the step and the position are all
+(seed, rank, step, micro-step) (`cogfun.train.picks.step_seed`), so the step and the position are all
 a resume needs besides the weights and the optimizer; accelerate's `save_state` still writes its
 `random_states_<rank>.pkl` beside them.
 """

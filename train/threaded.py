@@ -34,6 +34,7 @@ from cogfun.train.prefetch import BatchStream, EpochPasses
 
 if TYPE_CHECKING:
     from cogfun.train.data import Batch, BucketBatchSampler
+    from cogfun.train.picks import Position
 
 
 class ThreadLoader(EpochPasses):
@@ -70,9 +71,9 @@ class ThreadLoader(EpochPasses):
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cogfun-read", **init)
         weakref.finalize(self, _shutdown, self._pool, self._pending)
 
-    def _restart(self, start: tuple[int, int]) -> None:
+    def _restart(self, start: tuple[int, int], at: Position | None = None) -> None:
         self._drop()
-        self._stream.start = start
+        self._start_stream(start, at)
         self._source = iter(self._stream)
 
     def _drop(self) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from cogfun.common import sample_inputs as si
+from cogfun.common.modes import mode_facts
 from cogfun.common.sample_store import FROM_STORE, NEGATIVE_PROMPT
 from cogfun.train import distributed
 from cogfun.train.preflight import TrainRefused
@@ -214,7 +215,7 @@ def _start_images(cfg: Any, prompts: int) -> list[Path]:
             f"--validation-paths: {len(paths)} start image(s) for {prompts} validation prompt(s); "
             "give one image per prompt, in the prompts' order"
         )
-    if cfg.mode != "inpaint":
+    if not mode_facts(cfg.mode).needs_masks:  # the start image is the known part of a mask
         raise ValidationError(
             f"--validation-paths: image to video needs the inpaint transformer (33 input "
             f"channels), but this run trains in --mode {cfg.mode}"

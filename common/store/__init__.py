@@ -58,6 +58,8 @@ resized. Schema-1 stores (one chunk file per sample, cogfun before sharding) are
 """
 
 from cogfun.common.store.create import open_for_write
+from cogfun.common.store.grow import read_plan
+from cogfun.common.store.io import check_root
 from cogfun.common.store.lock import StoreLock, live_writer
 from cogfun.common.store.read import StoreReader, open_store
 from cogfun.common.store.schema import (
@@ -72,9 +74,11 @@ from cogfun.common.store.schema import (
     StorePlan,
     StoreReadError,
     fingerprint,
+)
+from cogfun.common.store.specs import (
     shard_size,
 )
-from cogfun.common.store.write import StoreWriter
+from cogfun.common.store.write import StoreWriter, clear_failures
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -90,6 +94,9 @@ __all__ = [
     "StoreReadError",
     "StoreReader",
     "StoreWriter",
+    "check_root",
+    "clear_failures",
+    "read_plan",
     "fingerprint",
     "shard_size",
     "live_writer",

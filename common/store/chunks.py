@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from cogfun.common.store.schema import StoreReadError
+from cogfun.common.store.schema import (
+    StoreReadError,
+)
 from numcodecs import Blosc
 
 log = logging.getLogger(__name__)

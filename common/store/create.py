@@ -14,30 +14,27 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from cogfun.common.store.grow import add_bucket, grow
 from cogfun.common.store.io import check_root, create_array
 from cogfun.common.store.schema import (
-    CAPTION_SHARD,
     DEFAULT_COMPRESSION,
     FAILURES_DIR,
     SCHEMA_VERSION,
-    SHARD_SAMPLES,
     STORE_FORMAT,
-    BucketPlan,
     FingerprintMismatch,
     StoreError,
     StoreLayout,
     StorePlan,
-    caption_specs,
     fingerprint,
     normalise_json,
     plan_digest,
-    plan_specs,
-    provenance_strings,
-    sample_specs,
     settings_diff,
-    shared_specs,
-    text_checksum,
     validate_plan,
+)
+from cogfun.common.store.specs import (
+    CAPTION_SHARD,
+    SHARD_SAMPLES,
+    caption_specs,
 )
 from cogfun.common.store.write import StoreWriter, now_iso
 
@@ -60,8 +57,8 @@ def _validate_layout(layout: StoreLayout) -> None:
 def _create(
     path: Path, root_attrs: dict, plan: StorePlan, layout: StoreLayout, compression: dict
 ) -> None:
-    shard_rows, caption_rows = root_attrs["shard_samples"], root_attrs["caption_shard"]
     """Build the whole pre-sized store in a sibling folder, then rename it into place."""
+    shard_rows, caption_rows = root_attrs["shard_samples"], root_attrs["caption_shard"]
     tmp = path.parent / f".{path.name}.creating"
     if tmp.exists():  # left by a creator killed mid-way; only one process ever creates
         shutil.rmtree(tmp)
@@ -69,18 +66,7 @@ def _create(
     root = zarr.open_group(str(tmp), mode="w", attributes=root_attrs)
     buckets = root.create_group("buckets")
     for b in plan.buckets:
-        n = len(b.rows)
-        group = buckets.create_group(b.name, attributes=_bucket_attrs(b, layout))
-        specs = sample_specs(n, b, layout, shard_rows) + plan_specs(n) + shared_specs(b, layout)
-        for spec in specs:
-            create_array(group, spec, compression)
-        if n:
-            prov = provenance_strings(b)
-            group["caption"][:] = np.asarray([r.caption for r in b.rows], dtype=np.int64)
-            group["provenance"][:] = np.asarray(prov, dtype=STRINGS)
-            group["provenance_hash"][:] = np.asarray(
-                [text_checksum(p) for p in prov], dtype=np.uint64
-            )
+        add_bucket(buckets, b, layout, shard_rows, compression)
     captions = root.create_group("captions")
     for spec in caption_specs(len(plan.captions), layout, caption_rows):
         create_array(captions, spec, compression)
@@ -89,19 +75,6 @@ def _create(
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()  # an empty folder the user made for the store
     os.rename(tmp, path)
-
-
-def _bucket_attrs(b: BucketPlan, layout: StoreLayout) -> dict:
-    return {
-        "frames": b.frames,
-        "height": b.height,
-        "width": b.width,
-        "latent_frames": b.latent_frames,
-        "latent_h": b.latent_h,
-        "latent_w": b.latent_w,
-        "latent_shape": [b.latent_frames, layout.latent_channels, b.latent_h, b.latent_w],
-        "rows": len(b.rows),
-    }
 
 
 def open_for_write(
@@ -126,6 +99,7 @@ def open_for_write(
     validate_plan(plan, str(path))
     settings = normalise_json(settings, "settings")
     digest = plan_digest(plan)
+    update = None  # what growing the store to `plan` did, when it did
     if not (path / "zarr.json").exists():
         if path.exists() and not (path.is_dir() and not any(path.iterdir())):
             raise StoreError(f"{path} exists and is not a cogfun store: choose another store path")
@@ -165,11 +139,17 @@ def open_for_write(
                 path, diff or {"fingerprint": (old["fingerprint"], fingerprint(settings))}
             )
         diff = {f"layout.{k}": v for k, v in settings_diff(old["layout"], layout.to_json()).items()}
-        if old.get("plan_digest") != digest:
-            diff["plan (the rows, their draws and captions)"] = (old.get("plan_digest"), digest)
         if diff:
             raise FingerprintMismatch(path, diff)
+        if create and old.get("plan_digest") != digest:
+            # Another dataset (rows added, edited or gone): grow the store to the plan, which
+            # keeps every row the store holds, in place.
+            update = grow(path, old, plan, layout, digest)
+        elif old.get("plan_digest") != digest:
+            diff["plan (the rows, their draws and captions)"] = (old.get("plan_digest"), digest)
+            raise FingerprintMismatch(path, diff)
     writer = StoreWriter(path, plan, layout)
+    writer.update = update
     if create and writer.root.attrs.get("status") == "complete":
         writer.root.attrs.update({"status": "writing"})  # a rerun may add samples: index is stale
     return writer

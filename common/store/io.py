@@ -19,12 +19,14 @@ from cogfun.common.store.schema import (
     READABLE_SCHEMAS,
     SCHEMA_VERSION,
     STORE_FORMAT,
-    ArraySpec,
     StoreError,
     StoreReadError,
     fingerprint,
 )
 from cogfun.common.store.shards import ShardFiles, shard_files
+from cogfun.common.store.specs import (
+    ArraySpec,
+)
 from zarr.codecs import BloscCodec
 
 # Flat chunk keys (`c.17.0.0.0.0`): one file per chunk, no directory per chunk index.
@@ -129,12 +131,13 @@ def read_flags(arr: zarr.Array, files: ChunkFiles | ShardFiles | None = None) ->
     if files is not None:
         return files.read_flags().astype(np.uint64)
     try:
-        return np.asarray(arr[:], dtype=np.uint64)
+        values = np.asarray(arr[:], dtype=np.uint64)
+        return values[:, 0] if values.ndim == 2 else values  # schema 2: the sample's own sum
     except Exception:  # one bad chunk must not hide every good one: fall back to one by one
-        out = np.zeros(arr.shape, dtype=np.uint64)
+        out = np.zeros(arr.shape[0], dtype=np.uint64)
         for i in range(arr.shape[0]):
             try:
-                out[i] = arr[i]
+                out[i] = np.asarray(arr[i]).reshape(-1)[0]
             except Exception:
                 out[i] = 0
         return out

@@ -16,7 +16,9 @@ import socket
 import time
 from pathlib import Path
 
-from cogfun.common.store.schema import StoreError
+from cogfun.common.store.schema import (
+    StoreError,
+)
 
 
 def lock_path(store: Path) -> Path:

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from cogfun.common.store import rows
 from cogfun.common.store import scan as store_scan
 from cogfun.common.store.chunks import ChunkFiles
 from cogfun.common.store.io import (
     check_root,
-    failed_slot,
     from_bits,
     node_attributes,
     open_array,
@@ -43,26 +44,22 @@ from cogfun.common.store.schema import (
     StoreError,
     StoreLayout,
     StoreReadError,
-    caption_checksum,
-    caption_specs,
-    checksum,
     latent_shape_of,
+)
+from cogfun.common.store.shards import ShardFiles
+from cogfun.common.store.specs import (
+    caption_specs,
     plan_chunk_rows,
     plan_specs,
-    sample_checksum,
     sample_specs,
     shared_specs,
 )
-from cogfun.common.store.shards import ShardFiles
+from cogfun.common.store.sums import (
+    caption_checksum,
+    checksum,
+)
 
-SAMPLE_ARRAYS = ("latents", "masks", "masked_latents", "all_masked")
 _SOURCE_KEYS = ("file", "file_path", "path", "source")
-
-
-def _mismatch_reason(stored: int) -> str:
-    if stored == 0:
-        return "its done flag is missing (checksum chunk deleted or zeroed)"
-    return "its contents do not match the checksum written with them (missing, truncated or altered chunk)"
 
 
 def open_store(path: str | Path, *, allow_incomplete: bool = False) -> StoreReader:
@@ -92,6 +89,10 @@ class StoreReader:
         self.settings: dict = root["settings"]
         self.fingerprint: str = root["fingerprint"]
         self.layout = StoreLayout.from_json(root["layout"], str(self.path / "zarr.json"))
+        # Schema 2 records its shard sizes (the arrays' shapes depend on the schema); 1 has none.
+        self._shard_rows: int | None = (
+            root.get("shard_samples") if root["schema_version"] > 1 else None
+        )
         self._root = open_root(self.path, "r")
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
         # Per-sample arrays' files: shards (schema 2), one chunk file a row (schema 1), or None.
@@ -163,8 +164,11 @@ class StoreReader:
                     f"{group_dir / 'done'}: the done index does not match its checksum (damaged)"
                 )
         else:  # no index yet: the done flags are the checksums themselves (scans the bucket)
-            flags = self._flags(self._bucket_arrays(name, info), self._files[name])
+            arrays = self._bucket_arrays(name, info)
+            flags = self._flags(arrays, self._files[name])
             done = (flags != 0).astype(np.uint8)
+            if "live" in arrays and info.planned:  # retired rows are not served
+                done &= np.asarray(arrays["live"][:], dtype=np.uint8)
         return BucketInfo(**{**info.__dict__, "slots": np.flatnonzero(done).astype(np.int64)})
 
     # ---- lazily opened arrays and plan rows ----
@@ -194,11 +198,13 @@ class StoreReader:
     def _open_arrays(self, bucket: str, info: BucketInfo) -> None:
         group_dir = self.path / "buckets" / bucket
         group = open_group(self._root, f"buckets/{bucket}", group_dir)
-        specs = sample_specs(info.planned, info, self.layout) + plan_specs(info.planned)
+        keyed = self._shard_rows is not None  # schema 2: row keys and live flags
+        specs = sample_specs(info.planned, info, self.layout, self._shard_rows)
+        specs += plan_specs(info.planned, keyed)
         specs += shared_specs(info, self.layout)
         self._files[bucket] = {
             s.name: open_chunk_files(group_dir, s)
-            for s in sample_specs(info.planned, info, self.layout)
+            for s in sample_specs(info.planned, info, self.layout, self._shard_rows)
         }
         self._staged(self._files[bucket])
         for s in plan_specs(info.planned):
@@ -213,7 +219,8 @@ class StoreReader:
         flags = read_flags(arrays["checksum"], files["checksum"])
         staged = self._staged(files)
         if len(staged):
-            flags[staged] = files["checksum"].read_many(staged.tolist())
+            values = files["checksum"].read_many(staged.tolist())
+            flags[staged] = values[:, 0] if values.ndim == 2 else values
         return flags
 
     def done_flags(self, bucket: str) -> np.ndarray:
@@ -334,6 +341,28 @@ class StoreReader:
         value = self._bucket_arrays(bucket)["provenance"][int(slot)]
         return json.loads(value.item() if isinstance(value, np.ndarray) else str(value))
 
+    def live_rows(self, bucket: str) -> np.ndarray:
+        """(N,) bool: the rows the dataset the store was last planned from has (the others are
+        retired by an incremental update, not served; schema 1: every row)."""
+        arrays = self._bucket_arrays(bucket)
+        n = self._info(bucket).planned
+        if "live" not in arrays or not n:
+            return np.ones(n, dtype=bool)
+        return np.asarray(arrays["live"][:], dtype=bool)
+
+    def row_keys(self, bucket: str) -> np.ndarray:
+        """(N,) every row's content key, as strings (schema 1 has none: "p:" and its provenance
+        hash, the key a plan row without one gets)."""
+        arrays = self._bucket_arrays(bucket)
+        if "key" not in arrays:
+            hashes = self._plan_rows(bucket)[1]
+            return np.asarray([f"p:{int(v):016x}" for v in hashes], dtype=object)
+        try:
+            return np.asarray([str(k) for k in arrays["key"][:]], dtype=object)
+        except Exception as exc:
+            where = self.path / "buckets" / bucket / "key"
+            raise StoreError(f"{where}: the row keys are unreadable: {exc}") from exc
+
     def source_file(self, bucket: str, slot: int) -> str | None:
         try:
             prov = self.provenance(bucket, slot)
@@ -345,51 +374,29 @@ class StoreReader:
         return DamagedSample(bucket, slot, reason, self.source_file(bucket, slot))
 
     def read_rows(
-        self, bucket: str, slots: np.ndarray, verify: bool = True
+        self,
+        bucket: str,
+        slots: np.ndarray,
+        verify: bool = True,
+        variants: Sequence[Iterable[int]] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Raw stacked arrays of done slots (uint16 bits, all-masked substituted, caption (B,))."""
-        info = self._info(bucket)
-        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
-        done = self._done_mask(bucket)
-        for s in slots:
-            if not 0 <= s < info.planned or not done[s]:
-                raise StoreError(
-                    f"{self.path}: sample {bucket}/{s} is not in the store (never written, or failed)"
-                )
-        arrays = self._bucket_arrays(bucket)
-        names = [n for n in SAMPLE_ARRAYS if n in arrays]
-        try:
-            files = self._files[bucket]
-            data = {n: take_rows(arrays[n], files[n], slots) for n in names}
-            sums = take_rows(arrays["checksum"], files["checksum"], slots) if verify else None
-        except StoreReadError as exc:
-            raise exc.for_sample(f"{bucket}/{failed_slot(exc, slots)}") from exc.__cause__
-        except Exception as exc:
-            if len(slots) > 1:  # find which sample is unreadable
-                for s in slots:
-                    self.read_rows(bucket, np.asarray([s]), verify)
-            raise self._damaged(
-                bucket, int(slots[0]), f"a chunk file is unreadable: {exc}"
-            ) from exc
-        captions, prov_hash = self._plan_values(bucket, slots)  # (B,) each
-        if sums is not None:
-            for i, s in enumerate(slots):
-                one = {n: data[n][i] for n in names}
-                expected = sample_checksum(bucket, int(s), one, int(captions[i]), int(prov_hash[i]))
-                if int(sums[i]) != expected:
-                    raise self._damaged(bucket, int(s), _mismatch_reason(int(sums[i])))
-        if "all_masked" in data and data["all_masked"].any():
-            data["masked_latents"][data["all_masked"].astype(bool)] = self._shared_latents(
-                bucket, int(slots[0])
-            )
-        data["caption"] = captions
-        return data
+        """Raw stacked arrays of done slots (uint16 bits, all-masked substituted, caption (B,));
+        with `variants`, only those mask variants of each slot (`rows.read_rows`)."""
+        return rows.read_rows(self, bucket, slots, verify, variants)
 
-    def read_batch(self, bucket: str, slots: Any, verify: bool = True) -> dict:
+    def read_batch(
+        self,
+        bucket: str,
+        slots: Any,
+        verify: bool = True,
+        variants: Sequence[Iterable[int]] | None = None,
+    ) -> dict:
         """Stacked sample tensors: latents (B, F_lat, 2C|C, h, w) bf16; masks (B, K, F_lat, 1, h, w),
         masked_latents (B, K, F_lat, 2C|C, h, w) bf16 and all_masked (B, K) bool (None in normal
-        stores); caption (B,) int64 indexes `caption_embedding`."""
-        data = self.read_rows(bucket, np.asarray(slots), verify)
+        stores); caption (B,) int64 indexes `caption_embedding`. With `variants` (per slot, the
+        mask variants a step uses) only those are read; `variants_read` (B, K) bool then says
+        which (the others are zeros)."""
+        data = self.read_rows(bucket, np.asarray(slots), verify, variants)
         has_masks = "masks" in data
         return {
             "latents": from_bits(data["latents"]),
@@ -397,6 +404,11 @@ class StoreReader:
             "masked_latents": from_bits(data["masked_latents"]) if has_masks else None,
             "all_masked": torch.from_numpy(data["all_masked"].astype(bool)) if has_masks else None,
             "caption": torch.from_numpy(data["caption"]),
+            **(
+                {"variants_read": torch.from_numpy(data["variants_read"])}
+                if variants is not None and has_masks
+                else {}
+            ),
         }
 
     def read_sample(self, bucket: str, slot: int, verify: bool = True) -> dict:
@@ -415,10 +427,10 @@ class StoreReader:
                 f"{self.path}: caption index {i} is outside 0..{arrays['embeddings'].shape[0] - 1}"
             )
         files = self._files["\0captions"]
-        rows = np.asarray([i])
+        index = np.asarray([i])
         try:
-            bits = take_rows(arrays["embeddings"], files["embeddings"], rows)[0]
-            stored = int(take_rows(arrays["checksum"], files["checksum"], rows)[0])
+            bits = take_rows(arrays["embeddings"], files["embeddings"], index)[0]
+            stored = int(take_rows(arrays["checksum"], files["checksum"], index)[0])
         except StoreReadError as exc:
             raise exc.for_sample(f"captions/{i}") from exc.__cause__
         except Exception as exc:

@@ -16,7 +16,11 @@ from cogfun.common.store.schema import (
     FAILURES_DIR,
     DamagedSample,
     StoreError,
+)
+from cogfun.common.store.specs import (
     raw_sample_bytes,
+)
+from cogfun.common.store.sums import (
     text_checksum,
 )
 
@@ -72,21 +76,26 @@ def _field(h: hashlib._Hash, data: bytes) -> None:
 
 
 def digest(reader: StoreReader) -> str:
-    """sha256 over every stored sample in plan order: bucket, slot, provenance, the decoded bytes of
-    its arrays (all-masked latents substituted) and of its caption embedding. Independent of path,
-    times, compression and chunk layout."""
-    h = hashlib.sha256(b"cogfun-digest-v1")
+    """sha256 over every served sample, ordered by bucket name and row key (schema 1: slot): its
+    bucket, key, provenance, the decoded bytes of its arrays (all-masked latents substituted) and
+    of its caption embedding. Independent of path, times, compression, chunk layout and of which
+    slot a sample has: a store grown by incremental updates and a fresh store of the same dataset
+    hold the same samples when their digests agree."""
+    h = hashlib.sha256(b"cogfun-digest-v2")
     caption_hashes: dict[int, bytes] = {}
-    for name, info in reader.buckets.items():  # plan order
+    for name in sorted(reader.buckets):
+        info = reader.buckets[name]
         if not len(info.slots):
             continue
         provenance = _provenance(reader, name)
-        for start in range(0, len(info.slots), SCAN_BATCH):
-            slots = info.slots[start : start + SCAN_BATCH]
-            data = reader.read_rows(name, slots, verify=True)
-            for i, slot in enumerate(slots):
+        keys = reader.row_keys(name)
+        slots = info.slots[np.argsort(keys[info.slots], kind="stable")]
+        for start in range(0, len(slots), SCAN_BATCH):
+            batch = slots[start : start + SCAN_BATCH]
+            data = reader.read_rows(name, batch, verify=True)
+            for i, slot in enumerate(batch):
                 _field(h, name.encode())
-                _field(h, int(slot).to_bytes(8, "little"))
+                _field(h, str(keys[slot]).encode())
                 _field(h, str(provenance[slot]).encode())
                 for array in _ARRAYS:
                     if array in data:
@@ -167,11 +176,16 @@ def summary(reader: StoreReader) -> dict:
     for name, info in reader.buckets.items():
         count = len(info.slots)
         raw += count * raw_sample_bytes(info, layout)
+        try:
+            live = reader.live_rows(name)
+        except StoreError:  # a damaged bucket: `verify` names it; count every row as planned
+            live = np.ones(info.planned, dtype=bool)
         buckets.append(
             {
                 "name": name,
                 "count": count,
-                "planned": info.planned,
+                "planned": int(live.sum()),
+                "retired": info.planned - int(live.sum()),
                 "frames": info.frames,
                 "height": info.height,
                 "width": info.width,
@@ -193,6 +207,8 @@ def summary(reader: StoreReader) -> dict:
         "schema_version": root["schema_version"],
         "samples": sum(b["count"] for b in buckets),
         "planned": sum(b["planned"] for b in buckets),
+        "retired": sum(b["retired"] for b in buckets),
+        "last_update": root.get("last_update"),
         "buckets": buckets,
         "captions": {"planned": int(root["captions"]), "written": captions_written},
         "failed": failures(reader),

@@ -9,27 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from cogfun.common.store.sums import checksum
 
 SCHEMA_VERSION = 2  # 2: per-sample arrays sharded (common/store/shards.py); 1 is still read
 READABLE_SCHEMAS = (1, 2)
 STORE_FORMAT = "cogfun-store"  # root attribute `format`: tells a cogfun store from any Zarr group
 FAILURES_DIR = "failures"  # one JSON file per failed input, beside the Zarr nodes
 
-# Plan-level arrays are written once at creation by one process, so they may hold many rows a chunk.
-PLAN_CHUNK_ROWS = 65536
-PROVENANCE_CHUNK_ROWS = 1024  # string arrays (provenance, caption texts)
-# Samples per shard file. Each inpaint shard is 5 files (latents, masks, masked_latents,
-# all_masked, checksum), so 384 samples keep a store at 5/384 (< 1/64) files per sample; rounded up
-# to whole `vae_mini_batch` chunks, the unit one process encodes (`shard_size`).
-SHARD_SAMPLES = 384
-CAPTION_SHARD = 1024  # caption embeddings per shard file (a multiple of precompute's T5 batch)
 DEFAULT_COMPRESSION = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -99,10 +91,14 @@ def _show(value: Any) -> str:
 
 @dataclass(frozen=True)
 class RowPlan:
-    """One planned stored row: its caption index into `StorePlan.captions` and its provenance."""
+    """One planned stored row: its caption index into `StorePlan.captions`, its provenance, its
+    content `key` (what an incremental update matches rows by; "" derives one from the
+    provenance) and whether it is `live` (served; a retired row keeps its bytes, unserved)."""
 
     caption: int
     provenance: dict
+    key: str = ""
+    live: bool = True
 
 
 @dataclass(frozen=True)
@@ -226,6 +222,14 @@ def latent_shape_of(frames: int, height: int, width: int) -> tuple[int, int, int
     return rule(frames, height, width)
 
 
+def row_keys(bucket: BucketPlan, provenance: list[str] | None = None) -> list[str]:
+    """Each row's key: its own, or "p:" + the hash of its canonical provenance."""
+    texts = provenance if provenance is not None else provenance_strings(bucket)
+    return [
+        r.key or f"p:{checksum([t.encode()]):016x}" for r, t in zip(bucket.rows, texts, strict=True)
+    ]
+
+
 def validate_plan(plan: StorePlan, where: str) -> None:
     if not plan.captions or plan.captions[0] != "":
         raise StoreError(f'{where}: plan captions[0] must be the empty caption ""')
@@ -243,6 +247,11 @@ def validate_plan(plan: StorePlan, where: str) -> None:
                 f"{where}: bucket {b.name} has {b.frames}x{b.height}x{b.width} pixels, so latent "
                 f"shape {expected}, but the plan says {(b.latent_frames, b.latent_h, b.latent_w)}"
             )
+        keys = row_keys(b)
+        if len(set(keys)) != len(keys):
+            seen: set[str] = set()
+            twice = next(k for k in keys if k in seen or seen.add(k))
+            raise StoreError(f"{where}: bucket {b.name} holds two rows with the key {twice!r}")
         for i, row in enumerate(b.rows):
             if not 0 <= row.caption < len(plan.captions):
                 raise StoreError(
@@ -259,153 +268,17 @@ def provenance_strings(bucket: BucketPlan) -> list[str]:
 
 
 def plan_digest(plan: StorePlan) -> str:
-    """sha256 of everything the plan fixes: a store is resumed only with the plan it was made from."""
+    """sha256 of everything the plan fixes (rows, their keys, draws, captions and which are live):
+    every process of a run checks it opened the store the first process made or grew."""
     h = hashlib.sha256()
     h.update(canonical_json(plan.captions, "captions").encode())
     for b in plan.buckets:
         head = [b.name, b.frames, b.height, b.width, b.latent_frames, b.latent_h, b.latent_w]
         h.update(canonical_json(head, b.name).encode())
         h.update(np.asarray([r.caption for r in b.rows], dtype="<i8").tobytes())
-        for text in provenance_strings(b):
+        h.update(np.asarray([r.live for r in b.rows], dtype=np.uint8).tobytes())
+        texts = provenance_strings(b)
+        for text, key in zip(texts, row_keys(b, texts), strict=True):
             h.update(len(text).to_bytes(8, "little") + text.encode())
+            h.update(len(key).to_bytes(8, "little") + key.encode())
     return h.hexdigest()
-
-
-# ---- array specs: the one declaration of every array's shape, dtype and chunking ----
-
-
-def shard_size(samples: int, vae_mini_batch: int) -> int:
-    """Rows per shard: `samples` rounded up to whole VAE chunks, so that one process, the shard's
-    owner, encodes every sample of a shard."""
-    if samples < 1 or vae_mini_batch < 1:
-        raise StoreError(f"shard size {samples} and vae_mini_batch {vae_mini_batch} must be >= 1")
-    return -(-samples // vae_mini_batch) * vae_mini_batch
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """One array: `chunks` is the chunk (the inner chunk when `shards` is given: the shape of a
-    shard file, schema 2's per-sample arrays)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    chunks: tuple[int, ...]
-    compressed: bool = True
-    shards: tuple[int, ...] | None = None
-
-
-def sample_specs(
-    n: int, b: BucketPlan | BucketInfo, layout: StoreLayout, shard_rows: int | None = None
-) -> list[ArraySpec]:
-    """Per-sample arrays of one bucket; `checksum` is the done flag. With `shard_rows` (how a store
-    is written) `shard_rows` samples share a file, inside it one chunk per sample and, for the
-    mask variants, per variant; without, the schema-1 layout of one chunk (file) per sample."""
-    f, h, w = _lat(b)
-    cs, k = layout.stored_channels, layout.masks_per_sample
-    kk = 1 if shard_rows else k  # mask variants per chunk
-
-    def spec(name: str, row: tuple, dtype: str, chunk: tuple, compressed: bool = True):
-        shards = (shard_rows, *row) if shard_rows else None
-        return ArraySpec(name, (n, *row), dtype, (1, *chunk), compressed, shards)
-
-    specs = [spec("latents", (f, cs, h, w), "uint16", (f, cs, h, w))]
-    if k:
-        specs += [
-            spec("masks", (k, f, 1, h, w), "uint16", (kk, f, 1, h, w)),
-            spec("masked_latents", (k, f, cs, h, w), "uint16", (kk, f, cs, h, w)),
-            spec("all_masked", (k,), "uint8", (k,)),
-        ]
-    specs.append(spec("checksum", (), "uint64", (), compressed=False))
-    return specs
-
-
-def plan_chunk_rows(n: int) -> int:
-    """Rows per chunk of a bucket's `caption` and `provenance_hash` arrays (n rows planned)."""
-    return max(1, min(n, PLAN_CHUNK_ROWS))
-
-
-def plan_specs(n: int) -> list[ArraySpec]:
-    """Plan-level arrays of one bucket, written at creation; `done` is written by finalize."""
-    rows = plan_chunk_rows(n)
-    return [
-        ArraySpec("caption", (n,), "int64", (rows,)),
-        ArraySpec("provenance_hash", (n,), "uint64", (rows,)),
-        ArraySpec("provenance", (n,), "str", (max(1, min(n, PROVENANCE_CHUNK_ROWS)),)),
-        ArraySpec("done", (n,), "uint8", (max(1, n),)),
-    ]
-
-
-def shared_specs(b: BucketPlan | BucketInfo, layout: StoreLayout) -> list[ArraySpec]:
-    """The one masked-video latent every all-masked variant of the bucket shares (inpaint only)."""
-    if not layout.masks_per_sample:
-        return []
-    f, h, w = _lat(b)
-    shape = (f, layout.stored_channels, h, w)
-    return [
-        ArraySpec("all_masked_latents", shape, "uint16", shape),
-        ArraySpec("all_masked_checksum", (1,), "uint64", (1,), compressed=False),
-    ]
-
-
-def caption_specs(m: int, layout: StoreLayout, shard_rows: int | None = None) -> list[ArraySpec]:
-    """The caption arrays; with `shard_rows`, embeddings and checksums sharded like samples."""
-    ld = (layout.text_len, layout.text_dim)
-    shards = (lambda *row: (shard_rows, *row)) if shard_rows else (lambda *row: None)
-    return [
-        ArraySpec("embeddings", (m, *ld), "uint16", (1, *ld), shards=shards(*ld)),
-        ArraySpec("texts", (m,), "str", (max(1, min(m, PROVENANCE_CHUNK_ROWS)),)),
-        ArraySpec("checksum", (m,), "uint64", (1,), compressed=False, shards=shards()),
-    ]
-
-
-def _lat(b: BucketPlan | BucketInfo) -> tuple[int, int, int]:
-    if isinstance(b, BucketInfo):
-        return b.latent_shape[0], b.latent_shape[2], b.latent_shape[3]
-    return b.latent_frames, b.latent_h, b.latent_w
-
-
-def raw_sample_bytes(b: BucketPlan | BucketInfo, layout: StoreLayout) -> int:
-    """Uncompressed payload of one sample: its arrays (checksum included) and its caption index."""
-    per = sum(
-        math.prod(s.shape[1:]) * np.dtype(s.dtype).itemsize for s in sample_specs(1, b, layout)
-    )
-    return per + 8
-
-
-# ---- checksums ----
-
-
-def checksum(parts: list[bytes]) -> int:
-    """blake2b-64 over length-prefixed parts, never 0 (0 is the fill value: 'not written')."""
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(len(p).to_bytes(8, "little"))
-        h.update(p)
-    return int.from_bytes(h.digest(), "little") or 1
-
-
-def sample_checksum(
-    bucket: str, slot: int, arrays: dict[str, np.ndarray], caption: int, provenance_hash: int
-) -> int:
-    """Checksum of one sample: its stored arrays' exact bytes, caption index, provenance hash."""
-    parts = [bucket.encode(), int(slot).to_bytes(8, "little")]
-    for name in ("latents", "masks", "masked_latents", "all_masked"):
-        if name in arrays:
-            a = arrays[name]
-            parts.append(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes())
-    parts += [
-        int(caption).to_bytes(8, "little", signed=True),
-        int(provenance_hash).to_bytes(8, "little"),
-    ]
-    return checksum(parts)
-
-
-def text_checksum(text: str) -> int:
-    return checksum([text.encode()])
-
-
-def caption_checksum(index: int, embedding: np.ndarray) -> int:
-    """Checksum of caption `index`'s embedding bits (L, D)."""
-    bits = np.ascontiguousarray(embedding, dtype="<u2").tobytes()
-    return checksum([int(index).to_bytes(8, "little"), bits])

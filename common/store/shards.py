@@ -168,8 +168,9 @@ class ShardFiles:
         return out
 
     def shard_values(self, shard: int) -> np.ndarray:
-        """The rows of one shard of a (N,) array, (shard_rows,), from one read of the file; a
-        shard or chunk that is missing or cannot be decoded counts as 0 (I/O errors raise)."""
+        """The first value of each row of one shard (a checksum array's done flags),
+        (shard_rows,), from one read of the file; a shard or chunk that is missing or cannot be
+        decoded counts as 0 (I/O errors raise)."""
         out = np.zeros(self.shard_rows, dtype=self.dtype.newbyteorder("="))
         path = self.path(shard)
         data = retry_reads(lambda: chunks.read_chunk_bytes(path), path)
@@ -182,13 +183,13 @@ class ShardFiles:
         for local in np.flatnonzero(table[:, 0] != EMPTY).tolist():
             offset, length = (int(v) for v in table[local])
             try:
-                out[local] = self.decode(data[offset : offset + length], path)[()]
+                out[local] = self.decode(data[offset : offset + length], path).reshape(-1)[0]
             except (ValueError, RuntimeError):
                 out[local] = 0
         return out
 
     def read_flags(self) -> np.ndarray:
-        """Every row of a (N,) array from the sealed shards (see `shard_values`)."""
+        """The first value of every row from the sealed shards (see `shard_values`), (N,)."""
         if not self.rows:
             return np.zeros(0, dtype=self.dtype.newbyteorder("="))
         return np.concatenate([self.shard_values(s) for s in range(self.shards)])[: self.rows]

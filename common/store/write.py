@@ -31,22 +31,34 @@ from cogfun.common.store.io import (
 )
 from cogfun.common.store.schema import (
     FAILURES_DIR,
-    ArraySpec,
     BucketPlan,
     StoreError,
     StoreLayout,
     StorePlan,
-    caption_checksum,
-    caption_specs,
-    checksum,
-    plan_specs,
     provenance_strings,
-    sample_checksum,
-    sample_specs,
-    shared_specs,
-    text_checksum,
 )
 from cogfun.common.store.shards import ShardFiles
+from cogfun.common.store.specs import (
+    ArraySpec,
+    caption_specs,
+    plan_specs,
+    sample_specs,
+    shared_specs,
+)
+from cogfun.common.store.sums import (
+    caption_checksum,
+    checksum,
+    sample_checksums,
+    text_checksum,
+)
+
+
+def clear_failures(path: Path) -> None:
+    """Drop every failure record: a run records afresh what it cannot store (a row gone from the
+    dataset leaves no stale record; a sample that fails again is recorded again)."""
+    folder = Path(path) / FAILURES_DIR
+    for entry in folder.glob("*.json") if folder.is_dir() else []:
+        entry.unlink(missing_ok=True)
 
 
 def now_iso() -> str:
@@ -70,6 +82,7 @@ class StoreWriter:
         # Slots seen without a done flag and not written since: no flag to clear before a write.
         self._known_empty: dict[str, np.ndarray] = {}
         self._caption_done: np.ndarray | None = None
+        self.update: dict | None = None  # set by open_for_write when it grew the store
         self.shard_rows = int(self.root.attrs.get("shard_samples", 0))
         self.caption_shard_rows = int(self.root.attrs.get("caption_shard", 0))
         # Global shard numbers, buckets in plan order then the captions: shard g is owned by
@@ -102,12 +115,14 @@ class StoreWriter:
             b = self._bucket(bucket)
             group_dir = self.path / "buckets" / bucket
             group = open_group(self.root, f"buckets/{bucket}", group_dir)
-            specs = sample_specs(len(b.rows), b, self.layout) + plan_specs(len(b.rows))
+            specs = sample_specs(len(b.rows), b, self.layout, self.shard_rows) + plan_specs(
+                len(b.rows)
+            )
             specs += shared_specs(b, self.layout)
             self._arrays[bucket] = {s.name: open_array(group, group_dir, s) for s in specs}
             self._files[bucket] = {
                 s.name: self._shard_files(group_dir, s)
-                for s in sample_specs(len(b.rows), b, self.layout)
+                for s in sample_specs(len(b.rows), b, self.layout, self.shard_rows)
             }
             prov = provenance_strings(b)
             self._prov_hash[bucket] = np.asarray([text_checksum(p) for p in prov], dtype=np.uint64)
@@ -280,9 +295,9 @@ class StoreWriter:
             data["masked_latents"] = stored
             data["all_masked"] = flags
         self._group_arrays(bucket)
-        sums = np.asarray(
+        sums = np.stack(
             [
-                sample_checksum(
+                sample_checksums(
                     bucket,
                     s,
                     {name: a[i] for name, a in data.items()},
@@ -290,9 +305,8 @@ class StoreWriter:
                     int(self._prov_hash[bucket][s]),
                 )
                 for i, s in enumerate(slots)
-            ],
-            dtype=np.uint64,
-        )
+            ]
+        )  # (B, 1 + K)
         index = np.asarray(slots, dtype=np.int64)
         empty = self._known_empty.get(bucket, np.zeros(len(b.rows), dtype=bool))
         stale = index[~empty[index]]
@@ -381,7 +395,8 @@ class StoreWriter:
         for b in self.plan.buckets:
             arrays = self._group_arrays(b.name)
             flags = read_flags(arrays["checksum"], self._files[b.name]["checksum"])
-            done = (flags != 0).astype(np.uint8)
+            live = np.asarray([r.live for r in b.rows], dtype=bool)
+            done = ((flags != 0) & live).astype(np.uint8)  # retired rows are not served
             arrays["done"][:] = done
             counts[b.name] = int(done.sum())
             index_sums[b.name] = checksum([done.tobytes()])
