@@ -116,6 +116,7 @@ def _expected_settings(build: PrecomputeConfig) -> dict[str, Any]:
         normalise_json,
     )
     from cogfun.precompute import run as precompute
+    from cogfun.precompute import store_setup
     from cogfun.precompute.encode import resolve_dtype
     from cogfun.precompute.ranks import use_cuda
 
@@ -123,8 +124,8 @@ def _expected_settings(build: PrecomputeConfig) -> dict[str, Any]:
     if not build.meta_path().is_file():
         raise TrainRefused(f"--data {build.data}: no metadata file {build.meta_path()}")
     device = torch.device("cuda" if use_cuda() else "cpu")
-    tconfig = read_transformer_config(build.model, precompute.TRANSFORMER_CONFIG_NEEDED)
-    settings = precompute.build_settings(
+    tconfig = read_transformer_config(build.model, store_setup.TRANSFORMER_CONFIG_NEEDED)
+    settings = store_setup.build_settings(
         build,
         resolve_dtype(build.vae_dtype, device),
         resolve_dtype(build.text_encoder_dtype, device),

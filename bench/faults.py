@@ -41,6 +41,9 @@ KINDS = (
     "sample chunk (latents)",
     "sample chunk (masks)",
     "done flag (checksum)",
+    "sealed shard (latents)",
+    "sealed shard (checksum)",
+    "caption shard",
     "done index (finalize)",
     "root attributes (finalize)",
 )

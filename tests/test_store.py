@@ -1,11 +1,11 @@
-"""The Zarr store: round trips, resume, fingerprints, digest, damage detection, several writers."""
+"""The Zarr store: round trips, resume, fingerprints, digest, several writers (damage:
+tests/test_store_damage.py)."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
 import pickle
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,101 +14,31 @@ import torch
 from cogfun.common.store import (
     SCHEMA_VERSION,
     BucketPlan,
-    DamagedSample,
     FingerprintMismatch,
     RowPlan,
     StoreError,
-    StoreLayout,
     StorePlan,
     fingerprint,
     open_for_write,
     open_store,
 )
 from cogfun.common.store import chunks as store_chunks
-from cogfun.testing.store_files import drop_chunk, flip_byte, shard_file
-
-LAYOUT = StoreLayout(
-    latent_channels=4, latent_format="moments", masks_per_sample=2, text_len=6, text_dim=8
+from store_support import (
+    ATTRS,
+    CAPTIONS,
+    IMAGE,
+    LAYOUT,
+    NORMAL,
+    SETTINGS,
+    VIDEO,
+    bf16,
+    bits,
+    caption,
+    make_plan,
+    sample,
+    shared,
+    write_store,
 )
-NORMAL = StoreLayout(
-    latent_channels=2, latent_format="sample", masks_per_sample=0, text_len=3, text_dim=4
-)
-SETTINGS = {"seed": 42, "vae": {"dtype": "bf16", "sha": "abc"}, "masks_per_sample": 2}
-ATTRS = {"scaling_factor": 0.7, "code_version": "0.1.0", "torch_threads": 1}
-CAPTIONS = ["", "a cat", "a dog"]
-VIDEO, IMAGE = "f2_h4_w6", "f1_h2_w2"
-
-
-def make_plan(n_video: int = 5) -> StorePlan:
-    rows = [
-        RowPlan(i % 3, {"file": f"clips/v{i}.mp4", "frames": [0, 3, 6, 9, 12]})
-        for i in range(n_video)
-    ]
-    video = BucketPlan(VIDEO, 5, 32, 48, 2, 4, 6, rows)
-    image = BucketPlan(
-        IMAGE, 1, 16, 16, 1, 2, 2, [RowPlan(1, {"file": "img.png"}), RowPlan(0, {"file": "b.png"})]
-    )
-    return StorePlan([video, image], list(CAPTIONS))
-
-
-def bf16(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
-
-
-def sample(plan: StorePlan, bucket: str, slot: int, layout: StoreLayout = LAYOUT) -> dict:
-    """Deterministic random contents of one sample; slot 0 of each bucket has an all-masked variant."""
-    b = next(b for b in plan.buckets if b.name == bucket)
-    f, h, w, k, cs = (
-        b.latent_frames,
-        b.latent_h,
-        b.latent_w,
-        layout.masks_per_sample,
-        layout.stored_channels,
-    )
-    seed = zlib.crc32(f"{bucket}/{slot}".encode())
-    out = {"latents": bf16((f, cs, h, w), seed)}
-    if k:
-        out["masks"] = (
-            torch.rand((k, f, 1, h, w), generator=torch.Generator().manual_seed(seed)) > 0.5
-        ).to(torch.bfloat16)
-        out["masked_latents"] = bf16((k, f, cs, h, w), seed + 1)
-        out["all_masked"] = torch.tensor([slot == 0] + [False] * (k - 1))
-    return out
-
-
-def shared(plan: StorePlan, bucket: str, layout: StoreLayout = LAYOUT) -> torch.Tensor:
-    b = next(b for b in plan.buckets if b.name == bucket)
-    return bf16(
-        (b.latent_frames, layout.stored_channels, b.latent_h, b.latent_w),
-        zlib.crc32(bucket.encode()),
-    )
-
-
-def caption(i: int, layout: StoreLayout = LAYOUT) -> torch.Tensor:
-    return bf16((layout.text_len, layout.text_dim), 1000 + i)
-
-
-def write_store(
-    path: Path, plan: StorePlan | None = None, *, layout=LAYOUT, order=None, finalize=True, **kw
-):
-    plan = plan or make_plan()
-    w = open_for_write(
-        path, settings=SETTINGS, attrs=ATTRS, plan=plan, layout=layout, create=True, **kw
-    )
-    for i in range(len(plan.captions)):
-        w.write_caption(i, caption(i, layout))
-    slots = [(b.name, s) for b in plan.buckets for s in range(len(b.rows))]
-    for name, s in order(slots) if order else slots:
-        if layout.masks_per_sample and not w.has_all_masked(name):
-            w.write_all_masked(name, shared(plan, name, layout))
-        w.write_sample(name, s, **sample(plan, name, s, layout))
-    if finalize:
-        w.finalize()
-    return w
-
-
-def bits(t: torch.Tensor) -> np.ndarray:
-    return t.contiguous().view(torch.uint16).numpy()
 
 
 def test_round_trip_is_bit_exact_with_every_shape(tmp_path):
@@ -321,84 +251,6 @@ def test_digest_ignores_order_and_compression_but_not_contents(tmp_path):
     w.write_sample(VIDEO, 2, **changed)
     w.finalize()
     assert open_store(tmp_path / "b").digest() != a.digest()
-
-
-@pytest.mark.parametrize("damage", [drop_chunk, flip_byte], ids=["dropped", "flipped"])
-def test_verify_and_reads_catch_a_damaged_chunk(tmp_path, damage):
-    store = tmp_path / "s.zarr"
-    write_store(store)
-    damage(store, VIDEO, "latents", 3)  # one sample's chunk inside its shard file
-    r = open_store(store)  # opening does not read samples, so it still works
-    damaged = r.verify()
-    assert [(b, s) for b, s, _ in damaged] == [(VIDEO, 3)]
-    with pytest.raises(DamagedSample) as exc:
-        r.read_sample(VIDEO, 3)
-    assert (exc.value.bucket, exc.value.slot, exc.value.file) == (VIDEO, 3, "clips/v3.mp4")
-    assert "f2_h4_w6/3" in str(exc.value) and "clips/v3.mp4" in str(exc.value)
-    with pytest.raises(DamagedSample):
-        r.read_batch(VIDEO, [1, 3])
-    assert r.read_sample(VIDEO, 2)["latents"].shape == (2, 8, 4, 6)  # the rest stays readable
-    with pytest.raises(DamagedSample):
-        r.digest()
-    assert r.summary()["digest"] is None
-
-
-@pytest.mark.parametrize("damage", ["truncate", "index", "delete"])
-def test_a_damaged_shard_names_each_of_its_samples_and_no_other(tmp_path, damage):
-    store = tmp_path / "s.zarr"
-    write_store(store, shard_samples=2)  # video shards hold slots {0, 1}, {2, 3}, {4}
-    target = shard_file(store, VIDEO, "masked_latents", 3)
-    raw = target.read_bytes()
-    if damage == "truncate":
-        target.write_bytes(raw[: len(raw) // 2])
-    elif damage == "index":  # a bit of the shard index: its crc32c no longer matches
-        target.write_bytes(raw[:-30] + bytes([raw[-30] ^ 1]) + raw[-29:])
-    else:
-        target.unlink()
-    r = open_store(store)
-    assert sorted((b, s) for b, s, _ in r.verify()) == [(VIDEO, 2), (VIDEO, 3)]
-    with pytest.raises(DamagedSample) as exc:
-        r.read_sample(VIDEO, 2)
-    assert exc.value.slot == 2 and "clips/v2.mp4" in str(exc.value)
-    for slot in (0, 1, 4):
-        assert r.read_sample(VIDEO, slot)["masked_latents"].shape == (2, 2, 8, 4, 6)
-
-
-def test_verify_catches_a_lost_done_flag_and_caption(tmp_path):
-    store = tmp_path / "s.zarr"
-    write_store(store)
-    drop_chunk(store, VIDEO, "checksum", 1)
-    drop_chunk(store, "captions", "embeddings", 2)
-    damaged = {(b, s): reason for b, s, reason in open_store(store).verify()}
-    assert set(damaged) == {(VIDEO, 1), ("captions", 2)}
-    assert "done flag" in damaged[(VIDEO, 1)] and "checksum" in damaged[("captions", 2)]
-
-
-def test_store_metadata_damage_and_newer_schema(tmp_path):
-    store = tmp_path / "s.zarr"
-    write_store(store)
-    root = store / "zarr.json"
-    meta = json.loads(root.read_text())
-    meta["attributes"]["schema_version"] = SCHEMA_VERSION + 1
-    root.write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="newer cogfun"):
-        open_store(store)
-    root.write_text("{ edited")
-    with pytest.raises(StoreError, match=r"s\.zarr/zarr\.json is unreadable or was edited"):
-        open_store(store)
-    root.unlink()
-    with pytest.raises(StoreError, match=r"s\.zarr/zarr\.json is missing"):
-        open_store(store)
-    other = tmp_path / "t.zarr"
-    write_store(other)
-    (other / "buckets" / IMAGE / "zarr.json").unlink()
-    with pytest.raises(StoreError, match=r"buckets/f1_h2_w2/zarr\.json is missing"):
-        open_store(other)
-    (other / "buckets" / IMAGE / "zarr.json").write_text(
-        '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
-    )
-    with pytest.raises(StoreError, match="bucket attributes missing or edited"):
-        open_store(other)
 
 
 def test_failures_are_recorded_once_per_key(tmp_path):

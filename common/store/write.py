@@ -37,6 +37,7 @@ from cogfun.common.store.schema import (
     StorePlan,
     provenance_strings,
 )
+from cogfun.common.store.seal import Sealing
 from cogfun.common.store.shards import ShardFiles
 from cogfun.common.store.specs import (
     ArraySpec,
@@ -65,7 +66,7 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class StoreWriter:
+class StoreWriter(Sealing):
     """Writes planned slots of an existing store. Several processes may stage disjoint slots; each
     shard is sealed by the one process that owns it (`owns`)."""
 
@@ -320,56 +321,6 @@ class StoreWriter:
             for i, s in enumerate(index.tolist())
         )
         stage_all((flags_files, int(s), sums[i]) for i, s in enumerate(index.tolist()))
-
-    # ---- sealing ----
-
-    def seal(self, bucket: str, shard: int) -> None:
-        """Write bucket `bucket`'s shard `shard` (local number) whole from its staged samples and
-        the still-valid samples of its previous version, checksum array last; then drop the
-        staged files. Only the shard's owner may call this while other processes write."""
-        self._group_arrays(bucket)
-        self._seal(self._files[bucket], shard)
-
-    def seal_captions(self, shard: int) -> None:
-        self._captions()
-        self._seal(self._files["\0captions"], shard)
-
-    def _seal(self, files: dict[str, ShardFiles], shard: int) -> None:
-        flags = files["checksum"]
-        lo, hi = shard * flags.shard_rows, min((shard + 1) * flags.shard_rows, flags.rows)
-        rows = range(lo, hi)
-        staged = {int(r) for r in flags.staged_rows() if lo <= r < hi}
-        sealed = flags.shard_values(shard)
-        kept = {r for r in rows if sealed[r - lo] != 0 and r not in staged}
-        for name, f in files.items():
-            if name != "checksum":
-                f.seal(shard, staged, kept)
-        flags.seal(shard, staged, kept)
-        for f in files.values():
-            f.unstage(rows)
-
-    def seal_owned(self, rank: int, world: int) -> int:
-        """Seal every shard process `rank` of `world` owns that has staged samples (the end of a
-        process's encoding, and a resumed run's leftovers); returns how many were sealed."""
-        sealed = 0
-        for b in self.plan.buckets:
-            self._group_arrays(b.name)
-            for shard in self._staged_shards(self._files[b.name]["checksum"]):
-                if self.owns(self._first_shard[b.name] + shard, rank, world):
-                    self.seal(b.name, shard)
-                    sealed += 1
-        self._captions()
-        for shard in self._staged_shards(self._files["\0captions"]["checksum"]):
-            if self.owns(self._first_shard["\0captions"] + shard, rank, world):
-                self.seal_captions(shard)
-                sealed += 1
-        return sealed
-
-    @staticmethod
-    def _staged_shards(flags: ShardFiles) -> list[int]:
-        """Shards with any staged file of any array: the checksum array's, and leftovers of a
-        write killed before its checksum (sealing drops them)."""
-        return sorted({int(r) // flags.shard_rows for r in flags.staged_rows()})
 
     def record_failure(self, key: str, file: str, reason: str, row: int | None) -> None:
         """Record a failed input once per key (one JSON file per key: safe across processes)."""
