@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         updated = open_store(store)
         last = updated.root_attrs["last_update"]
         print(f"clips: {args.clips} then {len(edited)}")
-        print(f"full_encode_s: {full_s:.2f}")
-        print(f"update_s: {update_s:.2f}")
+        print(f"full_encode_s: {full_s:.3f}")
+        print(f"update_s: {update_s:.3f}")
         print(f"update_vs_full: {update_s / full_s:.3f}")
         print(f"update_encoded: {last['added']}")
         print(f"update_reused: {last['reused']}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -150,56 +149,6 @@ def test_gpu_peak_table():
     assert gpu.peak_tflops("cpu") is None
 
 
-TRAIN_FIGURES = [
-    "threads", "workers", "online_step_ms", "store_step_ms", "train_speedup_vs_online",
-    "train_speedup_vs_online_min", "train_speedup_vs_online_max", "train_speedup_vs_online_best",
-    "online_share_decode",
-    "online_share_vae", "online_share_t5", "online_share_transformer", "online_peak_mb",
-    "store_peak_mb", "train_peak_rss_ratio", "online_maxrss_mb", "store_maxrss_mb",
-    "data_wait_fraction", "data_wait_fraction_processes", "data_wait_fraction_all_cores",
-    "data_wait_threads", "store_processes_step_ms",
-    "store_processes_peak_mb", "train_peak_rss_ratio_processes",
-    "train_speedup_vs_online_processes",
-]  # fmt: skip
-
-
-@pytest.mark.slow
-def test_train_bench_reduced_prints_every_figure(tmp_path):
-    fig = _run(
-        "train", "--tiny", "--workdir", str(tmp_path), "--size", "32", "--frames", "9",
-        "--clips", "2", "--epoch-samples", "8", "--rounds", "2", "--steps", "1", "--warmup", "1",
-        "--wait-size", "32", "--wait-warmup", "2", "--wait-steps", "3", "--wait-rounds", "1",
-        "--workers", "2", "--threads", "1", timeout=600,
-    )  # fmt: skip
-    missing = [name for name in TRAIN_FIGURES if name not in fig]
-    assert not missing, f"figures not printed: {missing}"
-    value = {k: float(fig[k]) for k in TRAIN_FIGURES}
-    assert value["threads"] == 1 and value["workers"] == 2
-    assert fig["model"] == "tiny" and fig["clip"] == "9x32x32"
-    assert value["online_step_ms"] > 0 and value["store_step_ms"] > 0
-    speedup = value["online_step_ms"] / value["store_step_ms"]
-    assert value["train_speedup_vs_online"] == pytest.approx(speedup, rel=1e-3)
-    low, high = value["train_speedup_vs_online_min"], value["train_speedup_vs_online_max"]
-    assert 0 < low <= high and value["train_speedup_vs_online_best"] > 0
-    shares = [value[f"online_share_{p}"] for p in ("decode", "vae", "t5", "transformer")]
-    assert all(0 <= s <= 1 for s in shares[:3]) and math.isclose(sum(shares), 1, abs_tol=1e-3)
-    assert value["online_peak_mb"] > 50 and value["store_peak_mb"] > 50
-    ratio = value["store_peak_mb"] / value["online_peak_mb"]
-    assert value["train_peak_rss_ratio"] == pytest.approx(ratio, rel=1e-3)
-    assert 0 <= value["data_wait_fraction"] < 1 and 0 <= value["data_wait_fraction_processes"] < 1
-    # Worker processes are counted in their way's memory: the threads way has none.
-    assert float(fig["store_workers_peak_mb"]) == 0 < float(fig["store_processes_workers_peak_mb"])
-    ratio = value["store_processes_peak_mb"] / value["online_peak_mb"]
-    assert value["train_peak_rss_ratio_processes"] == pytest.approx(ratio, rel=1e-3)
-    # The replicated store the store way trained on holds --epoch-samples samples.
-    from cogfun.common.store import open_store
-
-    (replica,) = tmp_path.glob("tiny_2x9x32_*_x8.zarr")
-    store = open_store(replica)
-    assert sum(len(b.slots) for b in store.buckets.values()) == 8
-    assert store.verify() == []
-
-
 @pytest.mark.slow
 def test_write_proportional_model_loads_through_cogfun(tmp_path):
     from cogfun.common.models import load_text_encoder, load_tokenizer, load_vae
@@ -303,29 +252,3 @@ def test_plan_scale_bench_quick_prints_its_figures():
         base, read = float(fig["plan_rss_mb_base"]), float(fig[f"read_rss_mb_{label}"])
         assert 0 < base <= read <= float(fig[f"plan_rss_mb_{label}"])
     assert float(fig["plan_growth_10k_vs_1k"]) > 1
-
-
-def test_store_layout_bench_counts_the_shard_files():
-    """16 samples a shard, stores of 1 and 3 shards: the larger adds 2 shards x 5 per-sample
-    arrays (the captions fit one shard in both) for 32 samples; one file per sample per array
-    and per caption in the schema-1 copy."""
-    fig = _run("store_layout", "--shards", "1,3", "--shard-samples", "16", timeout=300)
-    assert fig["samples"] == "16 and 48"
-    assert float(fig["files_per_sample"].split()[0]) == pytest.approx(2 * 5 / 32)
-    assert float(fig["files_per_sample_schema1"]) > 5  # 5 arrays a sample, and the captions
-    assert float(fig["file_reduction"]) > 3
-    assert 0 < float(fig["open_s"]) < 5
-
-
-def test_incremental_bench_reports_the_update_against_a_full_encode():
-    """8 clips, then clip 0 dropped, clip 1 recaptioned and 2 added: the update encodes the 3
-    new or changed rows, reuses the other 6 and retires 2 (clip 0 and clip 1's old caption),
-    and ends with a fresh store's digest."""
-    fig = _run(
-        "incremental", "--clips", "8", "--added", "2", "--frames", "5", "--size", "32", timeout=600
-    )
-    assert (fig["update_encoded"], fig["update_reused"], fig["update_retired"]) == ("3", "6", "2")
-    assert fig["update_equals_fresh"] == "1"
-    assert float(fig["update_vs_full"]) == pytest.approx(
-        float(fig["update_s"]) / float(fig["full_encode_s"]), abs=0.01
-    )

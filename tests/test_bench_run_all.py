@@ -144,3 +144,67 @@ def test_quick_run_prints_every_figure_and_writes_the_report(tmp_path):
     assert (tmp_path / "work" / "logs" / "loader.out").read_text().count("loader_vs_raw_read") == 1
     after = repo_doc.stat().st_mtime_ns if repo_doc.exists() else None
     assert before == after  # the repo's docs/ are left alone
+    logs = tmp_path / "work" / "logs"
+    _check_train(_lines((logs / "train.out").read_text()))
+    _check_incremental(_lines((logs / "incremental.out").read_text()))
+    _check_store_layout(_lines((logs / "store_layout.out").read_text()))
+
+
+TRAIN_FIGURES = [
+    "threads", "workers", "online_step_ms", "store_step_ms", "train_speedup_vs_online",
+    "train_speedup_vs_online_min", "train_speedup_vs_online_max", "train_speedup_vs_online_best",
+    "online_share_decode",
+    "online_share_vae", "online_share_t5", "online_share_transformer", "online_peak_mb",
+    "store_peak_mb", "train_peak_rss_ratio", "online_maxrss_mb", "store_maxrss_mb",
+    "data_wait_fraction", "data_wait_fraction_processes", "data_wait_fraction_all_cores",
+    "data_wait_threads", "store_processes_step_ms",
+    "store_processes_peak_mb", "train_peak_rss_ratio_processes",
+    "train_speedup_vs_online_processes",
+]  # fmt: skip
+
+
+def _check_train(fig: dict[str, str]) -> None:
+    """bench.train --quick (run_all's: tiny model, one 5x16x16 clip, 1 worker)."""
+    missing = [name for name in TRAIN_FIGURES if name not in fig]
+    assert not missing, f"figures not printed: {missing}"
+    value = {k: float(fig[k].split()[0]) for k in TRAIN_FIGURES}
+    assert value["threads"] >= 1 and value["workers"] == 1
+    assert fig["model"] == "tiny" and fig["clip"] == "5x16x16"
+    assert value["online_step_ms"] > 0 and value["store_step_ms"] > 0
+    speedup = value["online_step_ms"] / value["store_step_ms"]
+    assert value["train_speedup_vs_online"] == pytest.approx(speedup, rel=1e-3)
+    low, high = value["train_speedup_vs_online_min"], value["train_speedup_vs_online_max"]
+    assert 0 < low <= high and value["train_speedup_vs_online_best"] > 0
+    shares = [value[f"online_share_{p}"] for p in ("decode", "vae", "t5", "transformer")]
+    assert all(0 <= s <= 1 for s in shares[:3]) and math.isclose(sum(shares), 1, abs_tol=1e-3)
+    assert value["online_peak_mb"] > 50 and value["store_peak_mb"] > 50
+    ratio = value["store_peak_mb"] / value["online_peak_mb"]
+    assert value["train_peak_rss_ratio"] == pytest.approx(ratio, rel=1e-3)
+    assert 0 <= value["data_wait_fraction"] < 1 and 0 <= value["data_wait_fraction_processes"] < 1
+    # Worker processes are counted in their way's memory: the threads way has none.
+    assert float(fig["store_workers_peak_mb"]) == 0 < float(fig["store_processes_workers_peak_mb"])
+    ratio = value["store_processes_peak_mb"] / value["online_peak_mb"]
+    assert value["train_peak_rss_ratio_processes"] == pytest.approx(ratio, rel=1e-3)
+
+
+def _check_incremental(fig: dict[str, str]) -> None:
+    """bench.incremental --quick: 6 clips, then clip 0 dropped, clip 1 recaptioned and 2 added:
+    the update encodes the 3 new or changed rows, reuses the other 4 and retires 2 (clip 0 and
+    clip 1's old caption), and ends with a fresh store's digest."""
+    got = (fig["update_encoded"], fig["update_reused"], fig["update_retired"])
+    assert got == ("3", "4", "2"), fig
+    assert fig["update_equals_fresh"] == "1"
+    update, full = float(fig["update_s"]), float(fig["full_encode_s"])
+    # Printed to 3 decimals: within their rounding.
+    slack = 0.0005 / full + update * 0.0005 / full**2 + 0.0005
+    assert abs(float(fig["update_vs_full"]) - update / full) <= slack
+
+
+def _check_store_layout(fig: dict[str, str]) -> None:
+    """bench.store_layout --quick: 16 samples a shard, stores of 1 and 3 shards: the larger adds 2
+    shards x 5 per-sample arrays (the captions fit one shard in both) for 32 samples; one file per
+    sample per array and per caption in the schema-1 copy."""
+    assert fig["samples"] == "16 and 48"
+    assert float(fig["files_per_sample"].split()[0]) == pytest.approx(2 * 5 / 32)
+    assert float(fig["files_per_sample_schema1"]) > 5
+    assert float(fig["file_reduction"]) > 3 and 0 < float(fig["open_s"]) < 5
