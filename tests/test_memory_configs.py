@@ -282,8 +282,11 @@ def _saved_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
+# The plain ZeRO-3 config's exact resume, bitwise final weights (saved from the shards) and every
+# rank's part are checked by tests/test_validation_launch.py[zero3]; this test adds the saved
+# folder's full shapes and dtype and the optimizer's shards, on the offloading config.
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [ZERO3, ZERO3_OFFLOAD], ids=["zero3", "zero3-offload"])
+@pytest.mark.parametrize("config", [ZERO3_OFFLOAD], ids=["zero3-offload"])
 def test_zero3_trains_saves_a_whole_transformer_and_resumes_exactly(config, shared, tmp_path):
     from diffusers import CogVideoXTransformer3DModel
 
