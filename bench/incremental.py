@@ -25,32 +25,14 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from bench.scale import write_clips
+from bench.scale import precompute_run, write_clips
 
 
 def precompute(model: Path, data: Path, meta: Path, out: Path, frames: int, size: int) -> float:
     """Wall seconds of one whole precompute (planning to finalize)."""
-    from cogfun.precompute.config import PrecomputeConfig
-    from cogfun.precompute.run import run_precompute
-
-    cfg = PrecomputeConfig(
-        data=data,
-        meta=meta,
-        model=model,
-        out=out,
-        image_sample_size=size,
-        video_sample_size=size,
-        token_sample_size=size,
-        video_sample_n_frames=frames,
-        progress="none",
-    )
-    start = time.perf_counter()
-    if run_precompute(cfg).code != 0:
-        raise RuntimeError(f"precompute of {meta} into {out} stored nothing")
-    return time.perf_counter() - start
+    return precompute_run(model, data, meta, out, frames, size)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

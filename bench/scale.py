@@ -29,6 +29,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,11 @@ def write_clips(root: Path, n: int, frames: int, side: int) -> Path:
 
 def precompute(model: Path, data: Path, meta: Path, out: Path, frames: int, size: int) -> float:
     """Encode wall seconds of one precompute with cogfun's defaults at this clip shape."""
+    return precompute_run(model, data, meta, out, frames, size)[0].encode_s
+
+
+def precompute_run(model: Path, data: Path, meta: Path, out: Path, frames: int, size: int) -> tuple:
+    """One precompute with cogfun's defaults at this clip shape: (its Outcome, whole wall s)."""
     from cogfun.precompute.config import PrecomputeConfig
     from cogfun.precompute.run import run_precompute
 
@@ -64,10 +70,11 @@ def precompute(model: Path, data: Path, meta: Path, out: Path, frames: int, size
         video_sample_n_frames=frames,
         progress="none",
     )
+    start = time.perf_counter()
     outcome = run_precompute(cfg)
     if outcome.code != 0:
         raise RuntimeError(f"precompute of {data} into {out} stored nothing")
-    return outcome.encode_s
+    return outcome, time.perf_counter() - start
 
 
 def store_bytes(path: Path) -> dict[str, float]:

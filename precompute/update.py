@@ -48,7 +48,8 @@ def merge(stored: StorePlan | None, new: Plan, vae_mini_batch: int) -> Plan:
         rows = list(old[name].rows) if name in old else []
         slot_of = {r.key: i for i, r in enumerate(rows)}
         live = [False] * len(rows)
-        for spec, row in zip(by_bucket.get(name, []), planned.get(name, _EMPTY).rows, strict=True):
+        rows_planned = planned[name].rows if name in planned else []
+        for spec, row in zip(by_bucket.get(name, []), rows_planned, strict=True):
             caption = index[new.store.captions[row.caption]]
             slot = slot_of.get(spec.key)
             if slot is None:
@@ -62,9 +63,6 @@ def merge(stored: StorePlan | None, new: Plan, vae_mini_batch: int) -> Plan:
     return Plan(
         StorePlan(buckets, captions), samples, _chunks(samples, names, vae_mini_batch), new.failures
     )
-
-
-_EMPTY = BucketPlan("", 1, 8, 8, 1, 1, 1, [])
 
 
 def _chunks(samples: list[SampleSpec], names: list[str], mini_batch: int) -> list[Chunk]:

@@ -32,6 +32,11 @@ def _sharding(meta: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return shard, tuple(codec["configuration"]["chunk_shape"])
 
 
+def _parts(meta: dict, inner: tuple[int, ...]) -> int:
+    """Inner chunks a row is split into: K for the per-variant arrays, else 1."""
+    return meta["shape"][1] if len(inner) > 1 and inner[1] == 1 and meta["shape"][1] > 1 else 1
+
+
 def array_node(bucket: str, array: str) -> str:
     """The node path of a per-sample array (`bucket` "captions" for the caption arrays)."""
     return f"captions/{array}" if bucket == "captions" else f"buckets/{bucket}/{array}"
@@ -61,7 +66,7 @@ def chunk_range(
     """(shard file, offset, length) of one inner chunk: `row`'s (mask variant `part`'s)."""
     meta = _meta(store, array_node(bucket, array))
     shard, inner = _sharding(meta)
-    parts = meta["shape"][1] if len(inner) > 1 and inner[1] == 1 and meta["shape"][1] > 1 else 1
+    parts = _parts(meta, inner)
     path, table, _ = _index(store, bucket, array, row)
     offset, length = table[(row % shard[0]) * parts + part]
     assert offset != EMPTY, f"{path}: row {row} part {part} is empty"
@@ -82,7 +87,7 @@ def drop_chunk(store: Path, bucket: str, array: str, row: int, part: int = 0) ->
     schema-1 chunk file was. The reader sees the fill value (zeros)."""
     meta = _meta(store, array_node(bucket, array))
     shard, inner = _sharding(meta)
-    parts = meta["shape"][1] if len(inner) > 1 and inner[1] == 1 and meta["shape"][1] > 1 else 1
+    parts = _parts(meta, inner)
     path, table, chunks = _index(store, bucket, array, row)
     table[(row % shard[0]) * parts + part] = (EMPTY, EMPTY)
     raw = path.read_bytes()
@@ -137,7 +142,7 @@ def shard_rows(store: Path, bucket: str, array: str, row: int) -> tuple[list[int
     in that shard, as its index says)."""
     meta = _meta(store, array_node(bucket, array))
     shard, inner = _sharding(meta)
-    parts = meta["shape"][1] if len(inner) > 1 and inner[1] == 1 and meta["shape"][1] > 1 else 1
+    parts = _parts(meta, inner)
     _, table, _ = _index(store, bucket, array, row)
     lo = row - row % shard[0]
     rows = list(range(lo, min(lo + shard[0], meta["shape"][0])))

@@ -15,24 +15,13 @@ from cogfun.common.store import open_store
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
 from cogfun.testing.media import make_sample_dataset
+from cogfun.testing.runs import OPTS as RUN_OPTS
 
 pytestmark = pytest.mark.slow
 
 # vae_mini_batch 1 (the original's usual value): each sample's encoding is its own, so a sample
 # encoded in an update is bit for bit the one a fresh store encodes.
-OPTS = dict(
-    image_sample_size=128,
-    video_sample_size=64,
-    token_sample_size=64,
-    video_sample_n_frames=9,
-    variants_per_sample=2,
-    masks_per_sample=2,
-    vae_mini_batch=1,
-    shard_samples=4,
-    threads=1,
-    decode_workers=0,
-    progress="log",
-)
+OPTS = {**RUN_OPTS, "vae_mini_batch": 1, "shard_samples": 4}
 
 
 @pytest.fixture(scope="module")

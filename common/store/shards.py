@@ -91,20 +91,21 @@ class ShardFiles:
         path = self.path(shard)
         where = path if row is None else f"{path}[{row}]"
         tail = retry_reads(lambda: chunks.read_chunk_bytes(path, -self._index_bytes), where)
-        if tail is None:
-            table = None
-        else:
-            body, crc = tail[:-4], tail[-4:]
-            if (
-                len(tail) != self._index_bytes
-                or google_crc32c.value(body).to_bytes(4, "little") != crc
-            ):
-                raise ValueError(f"{path}: the shard index is truncated or damaged (crc32c)")
-            table = np.frombuffer(body, dtype="<u8").reshape(self._chunks, 2)
+        table = None if tail is None else self._table(tail)
+        if tail is not None and table is None:
+            raise ValueError(f"{path}: the shard index is truncated or damaged (crc32c)")
         if len(self._indexes) >= _INDEX_CACHE:
             self._indexes.pop(next(iter(self._indexes)))
         self._indexes[shard] = table
         return table
+
+    def _table(self, tail: bytes) -> np.ndarray | None:
+        """The (chunks, 2) table of a shard file's last `_index_bytes` bytes, or None when they
+        are too few or fail their crc32c."""
+        body, crc = tail[:-4], tail[-4:]
+        if len(tail) != self._index_bytes or google_crc32c.value(body).to_bytes(4, "little") != crc:
+            return None
+        return np.frombuffer(body, dtype="<u8").reshape(self._chunks, 2)
 
     def forget(self, shard: int | None = None) -> None:
         """Drop cached shard indexes (after a shard was sealed again)."""
@@ -174,12 +175,9 @@ class ShardFiles:
         out = np.zeros(self.shard_rows, dtype=self.dtype.newbyteorder("="))
         path = self.path(shard)
         data = retry_reads(lambda: chunks.read_chunk_bytes(path), path)
-        if data is None or len(data) < self._index_bytes:
+        table = None if data is None else self._table(data[-self._index_bytes :])
+        if table is None:
             return out
-        body, crc = data[-self._index_bytes : -4], data[-4:]
-        if google_crc32c.value(body).to_bytes(4, "little") != crc:
-            return out
-        table = np.frombuffer(body, dtype="<u8").reshape(self._chunks, 2)
         for local in np.flatnonzero(table[:, 0] != EMPTY).tolist():
             offset, length = (int(v) for v in table[local])
             try:
