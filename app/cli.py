@@ -14,6 +14,7 @@ from cogfun.app.sample_cli import register as _register_sampling
 from cogfun.app.stage_command import add_stage_command
 from cogfun.app.stage_flags import TRAIN_STORE_SKIP, foreign_flags
 from cogfun.common.disk_full import disk_full_message
+from cogfun.config.store_paths import STORAGE_OPTIONS_HELP
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.train.config import TrainConfig
 
@@ -72,8 +73,11 @@ def tiny_model(
 
 @app.command("inspect")
 def inspect_command(
-    store: Path = typer.Argument(
-        ..., help="The store folder written by `cogfun precompute` (e.g. latents.zarr)."
+    store: str = typer.Argument(
+        ...,
+        metavar="STORE",
+        help="The store written by `cogfun precompute`: a folder (e.g. latents.zarr) or an "
+        "object-store URL (s3://bucket/prefix/latents.zarr, gs://..., az://...).",
     ),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object on stdout and nothing else."
@@ -83,11 +87,26 @@ def inspect_command(
         "--verify",
         help="Read every sample against its checksum; exit 1 listing damaged samples.",
     ),
+    storage_options: str | None = typer.Option(
+        None,
+        "--storage-options",
+        "--storage_options",
+        metavar="JSON",
+        help=STORAGE_OPTIONS_HELP,
+    ),
 ) -> None:
     """Show a latent store: buckets, samples, bytes, settings, fingerprint, digest and failures."""
+    from cogfun.app.stage_command import checked_storage_options, usage_error
+    from cogfun.config.store_paths import apply_storage_options, check_store_url, store_path
     from cogfun.precompute.inspect import inspect_store
 
-    raise typer.Exit(inspect_store(store, as_json=as_json, verify=verify))
+    try:
+        check_store_url(store, "STORE")
+    except ValueError as err:
+        usage_error(str(err))
+    if storage_options is not None:
+        apply_storage_options(checked_storage_options(storage_options))
+    raise typer.Exit(inspect_store(store_path(store), as_json=as_json, verify=verify))
 
 
 def _run_precompute(cfg: PrecomputeConfig) -> None:

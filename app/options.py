@@ -5,8 +5,10 @@ Each stage has one config dataclass (`cogfun.precompute.config.PrecomputeConfig`
 and carries its help text in `metadata`; this module (the app layer, which may read both stages)
 builds the command-line options from those fields so the CLI, `--config FILE` and the tests share
 one set of defaults. Every option is accepted in both spellings (`--train-batch-size` and the
-original's `--train_batch_size`); booleans get `--no-…` forms. `cogfun.app.stage_command` turns
-the fields into commands and answers flags a stage does not take.
+original's `--train_batch_size`); booleans get `--no-…` forms. Path fields reach the command as
+text, so a store's URL (`STORE_FIELDS`: `--out`, `--latents`) keeps its `//`.
+`cogfun.app.stage_command` turns the fields into commands, makes the paths, and answers flags a
+stage does not take.
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+# Fields naming a store: a local path or an object-store URL (`cogfun.config.store_paths`). Every
+# other path option takes a local path only.
+STORE_FIELDS = ("out", "latents")
+
+
+def _cli_type(tp: Any) -> Any:
+    """Path options reach the command as text, so a URL keeps its `//`; the command makes them
+    Paths (`stage_command`), store URLs excepted."""
+    if "Path" not in str(tp):
+        return tp
+    return list[str] if typing.get_origin(tp) is list else str
+
+
 def is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
@@ -56,6 +71,9 @@ def typer_param(
     """One command-line option for a config field. A required field is optional to click: it may
     come from the --config file, so the command checks it once both are merged."""
     tp = _base_type(hints[f.name])
+    metavar = ("PATH|URL" if f.name in STORE_FIELDS else "PATH") if "Path" in str(tp) else None
+    metavar = "JSON" if f.name == "storage_options" else metavar
+    tp = _cli_type(tp)
     meta = f.metadata
     help_text = meta.get("help", "")
     if meta.get("choices"):
@@ -73,7 +91,7 @@ def typer_param(
         decls = flag_names(f.name)
         for alias in meta.get("aliases", ()):
             decls += flag_names(alias)
-        opt = typer.Option(default, *decls, help=help_text, show_default=False)
+        opt = typer.Option(default, *decls, help=help_text, show_default=False, metavar=metavar)
         annotation = tp | None
     return inspect.Parameter(
         f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation

@@ -6,6 +6,10 @@ options (`cogfun train` takes the store-building options of `cogfun precompute`)
 the stage's function beside its config. Every flag the stage does not take (another stage's, one not
 supported yet, one no stage knows) is gathered from the command line and the config file and
 refused in one message; flags the original parses but that do nothing here are warned about.
+
+Path options arrive as text: a store's (`--out`, `--latents`) may be an object-store URL, checked
+and kept a string (`cogfun.config.store_paths`); every other becomes a Path and refuses a URL.
+`--storage-options` must be a JSON object; the stage applies it when it starts.
 """
 
 from __future__ import annotations
@@ -21,12 +25,21 @@ from typing import Any, NoReturn
 import click
 import typer
 from cogfun.app.options import (
+    STORE_FIELDS,
     ForeignFlag,
     flag_names,
     is_required,
     load_config_file,
     normalize_key,
     typer_param,
+)
+from cogfun.config.store_paths import (
+    STORAGE_OPTIONS,
+    check_store_url,
+    is_store_url,
+    options_text,
+    parse_storage_options,
+    store_path,
 )
 from typer.core import TyperCommand
 
@@ -172,12 +185,54 @@ def _checked(
         tp = str(hints.get(key, ""))
         if isinstance(value, str) and tp.startswith("list"):
             value = [value]
-        if "Path" in tp and isinstance(value, str):
-            value = Path(value)
-        elif "Path" in tp and isinstance(value, list):
-            value = [Path(v) for v in value]
+        if "Path" in tp and isinstance(value, list):
+            value = [path_value(key, v) for v in value]
+        elif "Path" in tp:
+            value = path_value(key, value)
+        elif key == STORAGE_OPTIONS:
+            value = checked_storage_options(value)
         out[key] = value
     return out
+
+
+def path_value(key: str, value: Any) -> Any:
+    """A path option's text as the config takes it: a store's URL checked and kept a string
+    (`cogfun.config.store_paths`), any other path a Path; a URL where only a local path will do
+    is refused naming the option."""
+    if not isinstance(value, str):
+        return value
+    flag = flag_names(key)[0]
+    if key in STORE_FIELDS:
+        try:
+            check_store_url(value, flag)
+        except ValueError as err:
+            usage_error(str(err))
+        return store_path(value)
+    if is_store_url(value):
+        if key == "output_dir":
+            usage_error(
+                f"{flag} {value}: training outputs (checkpoints, logs, metrics, validation "
+                "samples) are written to a local folder: give a local --output-dir (only the "
+                "stores, --latents, may be on an object store)"
+            )
+        usage_error(
+            f"{flag} {value}: a local path is needed here (only a store, precompute's --out and "
+            "train's --latents, may be an object-store URL)"
+        )
+    return Path(value)
+
+
+def checked_storage_options(value: Any) -> str | None:
+    """`--storage-options` as JSON text (a config file may give a mapping), refused naming the
+    option unless it is a JSON object. Applied by the stage itself (`apply_storage_options`)."""
+    from cogfun.common.store import StoreError
+
+    text = options_text(value)
+    try:
+        parse_storage_options(text)
+    except StoreError as err:
+        usage_error(str(err))
+    return text
 
 
 def _misplaced_aware_command(

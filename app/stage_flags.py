@@ -79,7 +79,8 @@ def foreign_flags(stage: str) -> dict[str, ForeignFlag]:
                 reason = _OUT_REASON
             flags[name] = ForeignFlag(name, "other-stage", takes_value, reason)
     for name, (takes_value, why) in IGNORED.items():
-        flags[name] = ForeignFlag(name, "ignored", takes_value, why)
+        if name not in own:  # train's --cache-dir is its store read cache, not the original's
+            flags[name] = ForeignFlag(name, "ignored", takes_value, why)
     for name, takes_value in UNSUPPORTED.items():
         flags[name] = ForeignFlag(name, "unsupported", takes_value, "not supported yet")
     return flags

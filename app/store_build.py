@@ -55,10 +55,10 @@ class StoreOptions:
             ensure_store(build)
 
 
-def check_store_options(values: dict[str, Any], latents: Path | list[Path]) -> None:
+def check_store_options(values: dict[str, Any], latents: Path | str | list[Path | str]) -> None:
     """Store options without --data would be silently unused: refuse them, naming each; --data
     builds one store, so it takes one --latents."""
-    stores = [latents] if isinstance(latents, Path) else latents
+    stores = [latents] if isinstance(latents, Path | str) else latents
     named = " ".join(map(str, stores))
     if values and values.get("data") is None:
         flags = ", ".join(flag_names(k)[0] for k in sorted(values))
@@ -134,14 +134,15 @@ def _expected_settings(build: PrecomputeConfig) -> dict[str, Any]:
     return normalise_json(settings, "settings")
 
 
-def _store_state(path: Path, expected: dict[str, Any], metadata: Path) -> str:
+def _store_state(path: Path | str, expected: dict[str, Any], metadata: Path) -> str:
     """'new' (no store), 'resume' (unfinished, same settings), 'update' (complete, same settings,
     another metadata file: precompute adds and retires rows) or 'reuse' (complete, same settings
     and metadata); a store with other settings is refused naming each difference."""
+    from cogfun.common.store import location
     from cogfun.common.store.io import check_root
     from cogfun.precompute.plan import file_sha256
 
-    if not (path / "zarr.json").is_file():
+    if not (location(path) / "zarr.json").is_file():  # a local folder or an object store
         return "new"
     root = check_root(path)
     if root.get("fingerprint") != fingerprint(expected):

@@ -58,7 +58,7 @@ TEXT = (15, 256)  # proportional T5: 15 tokens x 256
 WRITE_CHUNK = 256  # samples per write_samples call
 
 
-def _plan(buckets: dict[str, tuple[int, int, int, int]], n_captions: int) -> StorePlan:
+def make_plan(buckets: dict[str, tuple[int, int, int, int]], n_captions: int) -> StorePlan:
     """`buckets`: name -> (frames, height, width, rows); captions cycle over n_captions texts."""
     plan = []
     for name, (f, h, w, n) in buckets.items():
@@ -267,7 +267,7 @@ def real_scale(args: argparse.Namespace) -> None:
     ~25 MB a sample before compression): can one rank's loader feed a real training step? Both
     backends, alternated, `--workers` workers, batch 4."""
     f, h, w = REAL_2B_BUCKET
-    plan = _plan({f"f{(f - 1) // 4 + 1}_h{h // 8}_w{w // 8}": (f, h, w, args.real_samples)}, 4)
+    plan = make_plan({f"f{(f - 1) // 4 + 1}_h{h // 8}_w{w // 8}": (f, h, w, args.real_samples)}, 4)
     path = args.workdir / f"real2b_{args.real_samples}.zarr"
     build_s = build_store(path, plan, masks=K, text=REAL_2B_TEXT)
     print(f"store_build_s_real2b: {build_s:.1f}  ({args.real_samples} samples, reused if 0.0)")
@@ -329,7 +329,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"threads: {torch.get_num_threads()}  workers: {args.workers}  batch: {args.batch_size}")
     store = args.workdir / f"throughput_{args.videos}x{args.images}.zarr"
-    plan = _plan(
+    plan = make_plan(
         {"f13_h16_w16": (49, 128, 128, args.videos), "f1_h16_w16": (1, 128, 128, args.images)}, 8
     )
     build_s = build_store(store, plan, masks=K)
@@ -366,8 +366,8 @@ def main() -> None:
     if args.real_samples:
         real_scale(args)
 
-    small = _plan({"f1_h8_w8": (1, 64, 64, 1000)}, 4)
-    large = _plan({"f1_h8_w8": (1, 64, 64, args.large)}, 4)
+    small = make_plan({"f1_h8_w8": (1, 64, 64, 1000)}, 4)
+    large = make_plan({"f1_h8_w8": (1, 64, 64, args.large)}, 4)
     # Named by size: runs of other sizes (run_all --quick) keep their own stores.
     paths = {
         "1k": args.workdir / "open_1000.zarr",

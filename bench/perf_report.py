@@ -82,6 +82,9 @@ FIGURES = [
     Figure("update_vs_full", "< 0.5 (an update encodes only new rows)", lambda v, _: v < 0.5),
     Figure("update_equals_fresh", "= 1 (same digest as a fresh store)", lambda v, _: v == 1),
     Figure("file_reduction", "report (schema-1 files ÷ sharded files)"),
+    Figure("s3_data_wait_fraction", "< 0.02 (as from disk)", lambda v, _: v < 0.02),
+    Figure("s3_vs_disk_loader", "report (loader samples/s, local S3 server ÷ disk)"),
+    Figure("s3_cached_loader_samples_per_s", "report (with --cache-dir, after one epoch)"),
     Figure("precompute_s_*", "linear in samples"),
     Figure("precompute_linear_r2", "≥ 0.98", lambda v, _: v >= 0.98),
 ]

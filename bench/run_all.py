@@ -111,6 +111,14 @@ def benches(threads: int) -> list[Bench]:
                 "full": ["--shards", "2,10"],
             },
         ),
+        Bench(
+            "object_store",
+            {
+                "quick": ["--quick"],
+                "default": [],
+                "full": ["--samples", "512", "--repeats", "5", "--steps", "100", "--rounds", "4"],
+            },
+        ),
         Bench("gpu", {"quick": [], "default": [], "full": []}, needs_cuda=True),
     ]
 

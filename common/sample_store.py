@@ -6,9 +6,9 @@
 `cogfun precompute --validation-prompts FILE` (a text file, one prompt per line) encodes the prompts
 and training's validation negative prompt ("bad detailed") with the same T5 load that encodes the
 captions, and writes them beside the store's arrays as `STORE/validation_prompts.safetensors`, in the
-`cogfun encode-prompts` format (`cogfun.common.sample_inputs`), written atomically like the store's
-`probes.json`. `cogfun train --validation-prompts store` reads it from the first `--latents` store
-that holds one.
+`cogfun encode-prompts` format (`cogfun.common.sample_inputs`), written whole like the store's
+`probes.json` (`Location.write`: a local store or an object store alike). `cogfun train
+--validation-prompts store` reads it from the first `--latents` store that holds one.
 
 The file is not part of the store's fingerprint or plan digest: validation prompts change no training
 sample, so adding, changing or leaving them out never makes an otherwise identical store mismatch
@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import struct
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from cogfun.common import sample_inputs as si
+from cogfun.common.store import Location, location
 from torch import Tensor
 
 STORE_FILE = "validation_prompts.safetensors"
@@ -50,26 +52,32 @@ def read_prompt_lines(path: Path, flag: str = "--validation-prompts") -> list[st
     return texts
 
 
-def store_prompts_path(store: Path) -> Path:
-    return Path(store) / STORE_FILE
+def store_prompts_path(store: str | Path | Location) -> Location:
+    return location(store) / STORE_FILE
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
+def _metadata(path: Location) -> dict[str, str] | None:
+    """The file's safetensors metadata, read from its header alone (two small reads: on an object
+    store, two range requests); None when there is no file, {} when it is damaged."""
+    head = path.read(0, 8)
+    if head is None:
+        return None
     try:
-        with safe_open(str(path), "pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # a damaged file is rewritten, never trusted
+        (size,) = struct.unpack("<Q", head)
+        header = json.loads(path.read(8, size) or b"")
+        meta = header.get("__metadata__") or {}
+        return {str(k): str(v) for k, v in meta.items()}
+    except (struct.error, ValueError, AttributeError):  # damaged: rewritten, never trusted
         return {}
 
 
-def is_current(store: Path, texts: list[str], text_encoder_sha256: str, max_length: int) -> bool:
+def is_current(
+    store: str | Path | Location, texts: list[str], text_encoder_sha256: str, max_length: int
+) -> bool:
     """Whether the store already holds these prompts, encoded by these T5 files at this length."""
-    path = store_prompts_path(store)
-    if not path.is_file():
+    meta = _metadata(store_prompts_path(store))
+    if meta is None:
         return False
-    meta = _metadata(path)
     return (
         meta.get("format") == si.EMBEDS_FORMAT
         and meta.get("prompts") == json.dumps(texts)
@@ -80,19 +88,25 @@ def is_current(store: Path, texts: list[str], text_encoder_sha256: str, max_leng
 
 
 def write_store_prompts(
-    store: Path, texts: list[str], embeds: Tensor, negative: Tensor, text_encoder_sha256: str
-) -> Path:
+    store: str | Path | Location,
+    texts: list[str],
+    embeds: Tensor,
+    negative: Tensor,
+    text_encoder_sha256: str,
+) -> Location:
     """Write the prompts' (N, L, D) and the negative prompt's (1, L, D) embeddings into the store,
-    under a temporary name first so a kill never leaves half a file."""
+    whole (`Location.write`), so a kill never leaves half a file. The bytes are those of
+    `cogfun encode-prompts` (made in a local scratch folder, then stored)."""
     target = store_prompts_path(store)
-    tmp = target.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
-    si.save_prompt_embeds(tmp, texts, embeds, NEGATIVE_PROMPT, negative, text_encoder_sha256)
-    os.replace(tmp, target)
+    with tempfile.TemporaryDirectory(prefix="cogfun-prompts-") as scratch:
+        made = Path(scratch) / STORE_FILE
+        si.save_prompt_embeds(made, texts, embeds, NEGATIVE_PROMPT, negative, text_encoder_sha256)
+        target.write(made.read_bytes())
     return target
 
 
 def store_prompts_todo(
-    prompt_file: Path, store: Path, text_encoder_sha256: str, max_length: int
+    prompt_file: Path, store: str | Path | Location, text_encoder_sha256: str, max_length: int
 ) -> list[str]:
     """The prompts of `prompt_file` still to encode into `store` (none when it holds them)."""
     texts = read_prompt_lines(prompt_file)
@@ -103,12 +117,12 @@ def store_prompts_todo(
 
 
 def encode_store_prompts(
-    store: Path,
+    store: str | Path | Location,
     texts: list[str],
     encode: Callable[[list[str]], Tensor],
     batch: int,
     text_encoder_sha256: str,
-) -> Path:
+) -> Location:
     """Encode the prompts (`batch` at a time) and the negative prompt; write them into `store`."""
     parts = [encode(texts[i : i + batch]) for i in range(0, len(texts), batch)]
     embeds = torch.cat([*parts, encode([NEGATIVE_PROMPT])])
@@ -117,7 +131,7 @@ def encode_store_prompts(
     return path
 
 
-def find_store_prompts(stores: list[Path]) -> Path:
+def find_store_prompts(stores: list[str | Path | Location]) -> Location:
     """The prompts file of the first store that has one; the error says how to make one."""
     for store in stores:
         path = store_prompts_path(store)

@@ -2,6 +2,8 @@
 
 Defaults are those of the original's recommended training command, so `cogfun precompute --data D`
 prepares the recommended run. `--mode` defaults to what the model is (see `cogfun.common.modes`).
+`--out` may be an object-store URL, kept as a string (`cogfun.config.store_paths`); the client's
+`--storage-options` are never recorded in the store.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from cogfun.common.fields import option
 from cogfun.common.modes import MODES, default_precompute_mode
+from cogfun.config.store_paths import options_text, storage_options_field, store_path
 
 DEFAULT_MODEL = "models/Diffusion_Transformer/CogVideoX-Fun-2b-InP"
 DEFAULT_STORE = "latents.zarr"
@@ -33,9 +36,13 @@ class PrecomputeConfig:
         "loaded, and transformer/config.json is read (its weights are not needed).",
         aliases=("pretrained_model_name_or_path",),
     )
-    out: Path = option(
-        Path(DEFAULT_STORE), "Zarr store to write (what `cogfun train --latents` reads)."
+    out: Path | str = option(
+        Path(DEFAULT_STORE),
+        "Zarr store to write (what `cogfun train --latents` reads): a local folder, or an "
+        "object-store URL (s3://bucket/prefix/latents.zarr, gs://..., az://...) below a bucket's "
+        "root.",
     )
+    storage_options: str | None = storage_options_field()
     mode: str = option(
         None,
         "inpaint draws masks and encodes masked videos; normal skips them. Default: what the "
@@ -123,6 +130,9 @@ class PrecomputeConfig:
     )
 
     def __post_init__(self) -> None:
+        # A store URL stays a string (Path would fold its `//`); a local store is a Path.
+        object.__setattr__(self, "out", store_path(self.out))
+        object.__setattr__(self, "storage_options", options_text(self.storage_options))
         if self.mode is None:
             object.__setattr__(self, "mode", default_precompute_mode(Path(self.model)))
 

@@ -3,10 +3,12 @@
 Every file whose header the plan needs (a video, or an image without `width`/`height` in the
 metadata) gets a number in first-appearance order; process r of N probes the files numbered
 r, r + N, r + 2N, ... (`probe_share`) and writes what it found to `rank{r}-of-{N}.json` in the
-probe folder beside the store (`.NAME.probes/`, next to the store's `.NAME.lock`), atomically:
-a temporary name, then a rename, so a kill never leaves half a file. After every process has
-written its file, each reads all N of them (`gather_probes`) and so holds the same probes a single
-process would have found: the plan built from them is the same, byte for byte.
+probe folder beside the store (`.NAME.probes/`, next to the store's `.NAME.lock`), whole
+(`Location.write`: locally a temporary name and a rename, on an object store one PUT), so a kill
+never leaves half a file. After every process has written its file, each reads all N of them
+(`gather_probes`) and so holds the same probes a single process would have found: the plan built
+from them is the same, byte for byte. The folder is wherever the store is: a local folder, or a
+prefix beside an object-store store (the functions take a `Path` or a `Location`).
 
 Each entry keeps the file's resolved path, size and mtime (ns). A later run (a resume, or one with
 another process count) first looks a file up by (kind, metadata path, resolved path, size, mtime)
@@ -18,6 +20,7 @@ earlier run is never taken for this run's.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -25,8 +28,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cogfun.common.decode import DecodeError, MediaInfo
+from cogfun.common.store import Location, location
 from cogfun.precompute import plan
 from cogfun.precompute.metadata import Row
 from cogfun.precompute.plan import Probe, probe_key, probe_rows
@@ -35,6 +40,10 @@ from cogfun.precompute.ranks import Ranks
 log = logging.getLogger("cogfun.precompute")
 
 FORMAT = 1
+RESULTS = "rank*-of-*.json"
+# What a killed write leaves: a local Location's temporary name, or an older cogfun's.
+LEFTOVERS = ("rank*-of-*.json.*.partial", ".rank*.tmp")
+Where = TypeVar("Where", Path, Location)
 
 
 class HeaderPassError(Exception):
@@ -51,16 +60,16 @@ class ShareCounts:
     seconds: float
 
 
-def probe_dir(store: Path) -> Path:
+def probe_dir(store: Where) -> Where:
     """The probe folder of a store: beside it, as its lock is, so creating the store never meets
-    foreign files in its folder."""
+    foreign files in its folder (a Path for a Path, a Location for a Location)."""
     return store.parent / f".{store.name}.probes"
 
 
 STAMP_ONLY = {"stamp_only": True}  # an entry holding a file's size and mtime, no header
 
 
-def rank_file(folder: Path, rank: int, world: int) -> Path:
+def rank_file(folder: Where, rank: int, world: int) -> Where:
     return folder / f"rank{rank}-of-{world}.json"
 
 
@@ -114,15 +123,18 @@ def _from_json(value: list | dict) -> Probe:
     return MediaInfo(height, width, frames)
 
 
-def read_cache(folder: Path) -> dict[tuple[str, str, int, int], list | dict]:
+def read_cache(folder: Path | Location) -> dict[tuple[str, str, int, int], list | dict]:
     """(probe key, resolved path, size, mtime_ns) -> result, from every result file in `folder`.
     An unreadable file is skipped with a warning: its files are probed again."""
     cache: dict[tuple[str, str, int, int], list | dict] = {}
-    if not folder.is_dir():
-        return cache
-    for path in sorted(folder.glob("rank*-of-*.json")):
+    folder = location(folder)
+    for name in sorted(fnmatch.filter(folder.listdir(), RESULTS)):
+        path = folder / name
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text()
+            if text is None:
+                continue  # removed since the listing (another run's prune)
+            data = json.loads(text)
             if data.get("format") != FORMAT:
                 continue
             for key, resolved, size, mtime_ns, cacheable, result in data["entries"]:
@@ -143,17 +155,11 @@ def _probe_one(row: Row, prober: Callable[[Path, str], MediaInfo]) -> tuple[Prob
         return f"cannot read: {e}", False
 
 
-def _write_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def probe_share(
     rows: list[Row],
     rank: int,
     world: int,
-    folder: Path,
+    folder: Path | Location,
     run: int,
     prober: Callable[[Path, str], MediaInfo] | None = None,
 ) -> ShareCounts:
@@ -161,7 +167,8 @@ def probe_share(
     them to its result file."""
     start = time.perf_counter()
     prober = prober or plan.probe  # looked up at call time: tests replace it there
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = location(folder)
+    folder.mkdir()
     cache = read_cache(folder)
     entries: list[list] = []
     probed = cached = 0
@@ -183,24 +190,28 @@ def probe_share(
         size, mtime_ns = _stamp(row.path) or (-1, -1)
         entries.append([probe_key(row), str(row.path), size, mtime_ns, False, STAMP_ONLY])
     data = {"format": FORMAT, "run": run, "rank": rank, "world": world, "entries": entries}
-    _write_atomic(rank_file(folder, rank, world), data)
+    rank_file(folder, rank, world).write_text(json.dumps(data, separators=(",", ":")))
     return ShareCounts(len(mine), probed, cached, time.perf_counter() - start)
 
 
 def gather_probes(
     rows: list[Row],
     world: int,
-    folder: Path,
+    folder: Path | Location,
     run: int,
     stamps: dict[str, tuple[int, int]] | None = None,
 ) -> dict[str, Probe]:
     """Every process's results of run `run` combined: the probes a single process would find;
     `stamps` (when given) gets every file's (size, mtime_ns) by probe key."""
     found: dict[str, Probe] = {}
+    folder = location(folder)
     for rank in range(world):
         path = rank_file(folder, rank, world)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text()
+            if text is None:
+                raise FileNotFoundError("no such file")
+            data = json.loads(text)
             if data.get("run") != run:
                 raise HeaderPassError(f"{path} was written by another run (the process died?)")
             for key, _resolved, size, mtime, _cacheable, result in data["entries"]:
@@ -219,22 +230,23 @@ def gather_probes(
     return probe_rows(rows, found, prober=missing)
 
 
-def prune(folder: Path, world: int) -> None:
+def prune(folder: Path | Location, world: int) -> None:
     """Drop result files of other process counts once this run's hold every needed header, and
     temporary files a killed run left."""
+    folder = location(folder)
     keep = {rank_file(folder, r, world).name for r in range(world)}
-    for path in [*folder.glob("rank*-of-*.json"), *folder.glob(".rank*.tmp")]:
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
+    for name in folder.listdir():
+        if name not in keep and any(fnmatch.fnmatch(name, p) for p in (RESULTS, *LEFTOVERS)):
+            (folder / name).delete()
 
 
 def header_pass(
-    rows: list[Row], ranks: Ranks, store: Path, run: int
+    rows: list[Row], ranks: Ranks, store: str | Path | Location, run: int
 ) -> tuple[dict[str, Probe], ShareCounts, dict[str, tuple[int, int]]]:
     """Every process probes its share, then all read every share: the same probes on each rank,
     and every file's (size, mtime_ns) by probe key (what a sample's content key holds).
     `run` is the number process 0 drew for this run (the same on every process)."""
-    folder = probe_dir(store)
+    folder = probe_dir(location(store))
     counts: ShareCounts | None = None
     try:
         counts = probe_share(rows, ranks.rank, ranks.world, folder, run)

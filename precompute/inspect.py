@@ -3,6 +3,7 @@
     cogfun inspect latents.zarr            # tables: buckets, totals, settings, failures
     cogfun inspect latents.zarr --json     # one JSON object on stdout, nothing else
     cogfun inspect latents.zarr --verify   # read every sample against its checksum
+    cogfun inspect s3://bucket/prefix/latents.zarr [--storage-options JSON]   # an object store
 
 Exit codes: 0 fine; 1 `--verify` found damage or an unfinished store; 2 the store cannot be opened.
 Input failures recorded by precompute (a bad video, say) are reported but are not damage.
@@ -151,7 +152,8 @@ def render(summary: dict, damaged: list[dict] | None, console: Console) -> None:
 
 
 def inspect_store(path: str | Path, *, as_json: bool = False, verify: bool = False) -> int:
-    """Print the store's summary (tables, or JSON only on stdout); returns the exit code."""
+    """Print the store's summary (tables, or JSON only on stdout); returns the exit code. `path`
+    is a local folder or an object-store URL (opened with the process's storage options)."""
     err = Console(file=sys.stderr, soft_wrap=True)
     try:
         reader = open_store(path, allow_incomplete=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from cogfun.common.buckets import (
 from cogfun.common.decode import DecodeError, MediaInfo, clip_indices, probe
 from cogfun.common.geometry import SampleGeometry
 from cogfun.common.modes import mode_facts
-from cogfun.common.store import BucketPlan, RowPlan, StorePlan
+from cogfun.common.store import BucketPlan, Location, RowPlan, StorePlan, location
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.metadata import Row
 from cogfun.precompute.seeds import many_sample_seeds
@@ -179,20 +178,17 @@ def probes_from_json(data: dict) -> dict[str, Probe]:
     return out
 
 
-def save_probes(store_dir: Path, probes: dict[str, Probe]) -> None:
-    """Written atomically (temporary name, then rename) so a kill never leaves half a file."""
-    target = store_dir / PROBES_FILE
-    tmp = target.with_name(f".{PROBES_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(probes_to_json(probes), separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, target)
+def save_probes(store: str | Path | Location, probes: dict[str, Probe]) -> None:
+    """Written whole (`Location.write`) so a kill never leaves half a file."""
+    target = location(store) / PROBES_FILE
+    target.write_text(json.dumps(probes_to_json(probes), separators=(",", ":")))
 
 
-def load_probes(store_dir: Path) -> dict[str, Probe] | None:
-    target = store_dir / PROBES_FILE
-    if not target.is_file():
-        return None
+def load_probes(store: str | Path | Location) -> dict[str, Probe] | None:
+    target = location(store) / PROBES_FILE
     try:
-        return probes_from_json(json.loads(target.read_text(encoding="utf-8")))
+        text = target.read_text()
+        return None if text is None else probes_from_json(json.loads(text))
     except (OSError, ValueError, TypeError, KeyError) as e:
         log.warning("%s is unreadable (%s): probing the files again", target, e)
         return None

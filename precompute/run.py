@@ -1,6 +1,7 @@
 """`cogfun precompute`: plan, create or resume the store, encode, finalize.
 
     cogfun precompute --data DIR [--meta FILE] [--model DIR] [--out latents.zarr] [options]
+    cogfun precompute --data DIR --out s3://bucket/prefix/latents.zarr [--storage-options JSON]
     accelerate launch --multi_gpu --num_processes 2 $(which cogfun) precompute --data DIR ...
     (on CPU add ACCELERATE_USE_CPU=true; accelerate sets OMP_NUM_THREADS=1, so pass --threads)
 
@@ -50,6 +51,7 @@ from cogfun.common.store import (
     StoreLayout,
     StoreWriter,
 )
+from cogfun.config.store_paths import apply_storage_options, check_store_url
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.encode import TextEncoder, VaeEncoder, resolve_dtype
 from cogfun.precompute.metadata import MetadataError, read_metadata
@@ -107,6 +109,10 @@ _MINIMUM = {
 
 
 def check_options(cfg: PrecomputeConfig) -> None:
+    try:
+        check_store_url(cfg.out, "--out")
+    except ValueError as err:
+        raise OptionError(str(err)) from err
     for name, low in _MINIMUM.items():
         if getattr(cfg, name) < low:
             flag = "--" + name.replace("_", "-")
@@ -325,6 +331,7 @@ def run_precompute(cfg: PrecomputeConfig, *, write_async: bool = True) -> Outcom
     """The whole stage (errors propagate). `write_async=False` writes inline, which the benchmark
     uses to time each stage alone."""
     started = time.perf_counter()
+    apply_storage_options(cfg.storage_options)  # every launched process parses its own
     with ExitStack() as cleanup:
         ctx = _setup(cfg, cleanup)
         stats, encode_s = _encode(ctx, write_async)

@@ -22,6 +22,7 @@ from cogfun.common.model_kind import encoded_for
 from cogfun.common.models import model_identity
 from cogfun.common.modes import mode_facts
 from cogfun.common.store import (
+    Location,
     StoreError,
     StoreLayout,
     StoreLock,
@@ -30,10 +31,12 @@ from cogfun.common.store import (
     check_root,
     clear_failures,
     fingerprint,
+    location,
     open_for_write,
     read_plan,
     shard_size,
 )
+from cogfun.config.store_paths import NOT_RECORDED
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.headers import HeaderPassError, header_pass, probe_dir, prune
 from cogfun.precompute.metadata import Row
@@ -114,7 +117,13 @@ def build_settings(cfg: PrecomputeConfig, vae_dtype: str, text_dtype: str, tconf
 
 
 def store_attrs(cfg: PrecomputeConfig, ranks: Ranks, threads: int) -> dict:
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    """The store's `attrs`: the resolved config (less `--storage-options`, which may hold
+    secrets), the dataset's hash, versions and where it ran."""
+    config = {
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in NOT_RECORDED
+    }
     return {
         "config": config,
         # The dataset the store was last planned from (not in the fingerprint: an edited one
@@ -139,7 +148,7 @@ def store_layout(cfg: PrecomputeConfig, settings: dict) -> StoreLayout:
     )
 
 
-def _warn_on_thread_change(writer: StoreWriter, out: Path, threads: int) -> None:
+def _warn_on_thread_change(writer: StoreWriter, out: str | Path, threads: int) -> None:
     """A store resumed at another per-process torch thread count: every sample stays valid, but
     the ones written now may differ bitwise from what the recorded count gives (and the digest
     from an uninterrupted run's)."""
@@ -170,9 +179,11 @@ def open_store_for_run(
     store and the others open it after. The lock is held until `cleanup` closes: one live
     precompute per store."""
     run_id = 0
+    lock = None
     if ranks.is_main:
         try:
-            cleanup.callback(StoreLock(cfg.out).release)
+            lock = StoreLock(cfg.out)
+            cleanup.callback(lock.release)
         except BaseException:
             ranks.broadcast([0, 0])
             raise
@@ -224,8 +235,9 @@ def open_store_for_run(
             create=True,
             shard_samples=shard_size(cfg.shard_samples, cfg.vae_mini_batch),
         )
+        writer.guard = lock.check  # a lease lost on an object store stops seals and finalize
         save_probes(cfg.out, probes)
-        prune(probe_dir(cfg.out), ranks.world)
+        prune(probe_dir(location(cfg.out)), ranks.world)
         _warn_on_thread_change(writer, cfg.out, attrs["threads"])
         _log_update(writer, cfg.out)
         clear_failures(cfg.out)  # this run records afresh what it cannot store
@@ -239,11 +251,11 @@ def open_store_for_run(
     return plan, writer
 
 
-def stored_plan(out: Path, settings: dict | None = None) -> StorePlan | None:
+def stored_plan(out: str | Path | Location, settings: dict | None = None) -> StorePlan | None:
     """The rows an existing store holds (what an incremental plan is merged into), or None for
     a new store. With `settings`, None too when the store was written with other settings (then
     `open_for_write` refuses it, naming each difference) or by an older cogfun."""
-    if not (out / "zarr.json").is_file():
+    if not (location(out) / "zarr.json").is_file():
         return None
     try:
         root = check_root(out)
@@ -256,7 +268,7 @@ def stored_plan(out: Path, settings: dict | None = None) -> StorePlan | None:
     return read_plan(out)
 
 
-def _log_update(writer: StoreWriter, out: Path) -> None:
+def _log_update(writer: StoreWriter, out: str | Path) -> None:
     update = writer.update
     if update is not None:  # this run grew the store to an edited dataset
         log.info(

@@ -86,7 +86,8 @@ class Fault:
                 os._exit(KILLED)
             if mode == "kill-torn":  # what a kill leaves mid-write: half a temporary file
                 raw = data()
-                Path(f"{path}.torn.partial").write_bytes(raw[: len(raw) // 2])
+                if getattr(path, "local", True):  # an object store has no half-written object
+                    Path(f"{path}.torn.partial").write_bytes(raw[: len(raw) // 2])
                 os._exit(KILLED)
         return n
 
@@ -260,11 +261,11 @@ def read_log(log: Path) -> list[tuple[int, str, str]]:
 
 
 def write_kind(path: str) -> str:
-    """What a store write was, from its file path."""
-    parts = Path(path).parts
+    """What a store write was, from its file path (or object URL)."""
+    parts = str(path).split("/")
     if any(p.endswith(".creating") for p in parts):
         return "store creation"
-    name = Path(path).name
+    name = parts[-1]
     if "captions" in parts:
         return "caption embedding" if ".staged" in parts else "caption shard"
     if name == "zarr.json":

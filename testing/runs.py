@@ -54,11 +54,20 @@ def cogfun(args: list[str], env: dict, timeout: float = 300) -> subprocess.Compl
     )
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it), for a launch's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(args: list[str], env: dict, processes: int = 2, timeout: float = 400):
     """`accelerate launch --num_processes N cogfun ARGS` on CPU (gloo)."""
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes)]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["--main_process_port", str(20000 + (os.getpid() * 7 + time.monotonic_ns()) % 20000)]
+    cmd += ["--main_process_port", str(free_port())]
     return subprocess.run(
         [*cmd, str(BIN / "cogfun"), *args],
         env=env,

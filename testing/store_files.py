@@ -5,6 +5,8 @@ Everything here reads the on-disk format documented in the README ("The store"):
 array's `zarr.json` and the shard index at the end of each shard file ((chunks x 2) little-endian
 uint64 offset/length pairs, 2**64-1 for an empty chunk, then their crc32c). It does not use the
 store's own reader, so a test that damages a file with it checks the reader against the format.
+A store on an object store is named by its `Location` (its files are then `Location`s too, read
+and written whole); a local one by its path (its files are `Path`s).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -20,8 +23,26 @@ import zarr
 EMPTY = 2**64 - 1
 
 
+def _file(store: Any, relative: str) -> Any:
+    """A file of the store: a Path for a local store, a `Location` on an object store."""
+    if hasattr(store, "local") and not store.local:
+        return store / relative
+    return Path(store) / relative
+
+
+def _read(file: Any) -> bytes:
+    return file.read_bytes() if isinstance(file, Path) else file.read()
+
+
+def _write(file: Any, data: bytes) -> None:
+    if isinstance(file, Path):
+        file.write_bytes(data)
+    else:
+        file.write(data)
+
+
 def _meta(store: Path, node: str) -> dict:
-    return json.loads((Path(store) / node / "zarr.json").read_text())
+    return json.loads(_read(_file(store, f"{node}/zarr.json")))
 
 
 def _sharding(meta: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -47,7 +68,7 @@ def shard_file(store: Path, bucket: str, array: str, row: int) -> Path:
     meta = _meta(store, array_node(bucket, array))
     shard, _ = _sharding(meta)
     coords = [row // shard[0]] + [0] * (len(shard) - 1)
-    return Path(store) / array_node(bucket, array) / ("c." + ".".join(map(str, coords)))
+    return _file(store, f"{array_node(bucket, array)}/c." + ".".join(map(str, coords)))
 
 
 def _index(store: Path, bucket: str, array: str, row: int) -> tuple[Path, np.ndarray, int]:
@@ -55,7 +76,7 @@ def _index(store: Path, bucket: str, array: str, row: int) -> tuple[Path, np.nda
     shard, inner = _sharding(meta)
     chunks = int(np.prod([s // i for s, i in zip(shard, inner, strict=True)]))
     path = shard_file(store, bucket, array, row)
-    raw = path.read_bytes()
+    raw = _read(path)
     table = np.frombuffer(raw[-(16 * chunks + 4) : -4], dtype="<u8").reshape(chunks, 2).copy()
     return path, table, chunks
 
@@ -76,9 +97,9 @@ def chunk_range(
 def flip_byte(store: Path, bucket: str, array: str, row: int, part: int = 0) -> Path:
     """Flip one bit in the middle of one inner chunk's bytes (the shard index stays valid)."""
     path, offset, length = chunk_range(store, bucket, array, row, part)
-    raw = bytearray(path.read_bytes())
+    raw = bytearray(_read(path))
     raw[offset + length // 2] ^= 0x40
-    path.write_bytes(bytes(raw))
+    _write(path, bytes(raw))
     return path
 
 
@@ -90,11 +111,9 @@ def drop_chunk(store: Path, bucket: str, array: str, row: int, part: int = 0) ->
     parts = _parts(meta, inner)
     path, table, chunks = _index(store, bucket, array, row)
     table[(row % shard[0]) * parts + part] = (EMPTY, EMPTY)
-    raw = path.read_bytes()
+    raw = _read(path)
     body = table.astype("<u8").tobytes()
-    path.write_bytes(
-        raw[: -(16 * chunks + 4)] + body + google_crc32c.value(body).to_bytes(4, "little")
-    )
+    _write(path, raw[: -(16 * chunks + 4)] + body + google_crc32c.value(body).to_bytes(4, "little"))
     return path
 
 

@@ -44,3 +44,21 @@ def t5_builds(monkeypatch):
 
     monkeypatch.setattr(transformers.T5EncoderModel, "__init__", spy)
     return built
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, started once for the session (cogfun.testing.s3)."""
+    from cogfun.testing.s3 import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket on the session's S3 server; the server is running when the test starts."""
+    if not s3_server.running:
+        s3_server.start()
+    return s3_server.make_bucket()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 
 import pytest
+from cogfun.common.store import Location
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.run import run
 from cogfun.testing.faults import arm, read_log, write_kind
@@ -80,15 +80,15 @@ def test_disk_full_at_a_failure_record_then_rerun_is_identical(
 ):
     data, ref, _ = setup
     out = tmp_path / "s.zarr"
-    real = Path.write_text
+    real = Location.write
 
-    def full(self, *args, **kwargs):
+    def full(self, data):
         if self.parent.name == "failures":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return real(self, *args, **kwargs)
+        return real(self, data)
 
     cfg = PrecomputeConfig(data=data, model=tiny_model_dir, out=out, **OPTS)
-    err = _full_then_free(cfg, capsys, monkeypatch, lambda m: m.setattr(Path, "write_text", full))
+    err = _full_then_free(cfg, capsys, monkeypatch, lambda m: m.setattr(Location, "write", full))
     assert "the disk is full" in err and "failures" in err
     assert compare(ref, snapshot(out)) == (0, 0, True)
     assert not [p for p in (out / "failures").iterdir() if not p.name.endswith(".json")]

@@ -32,6 +32,7 @@ NOT_FINGERPRINTED = {
     "progress",
     "validation_prompts",
     "shard_samples",
+    "storage_options",
 }
 
 # option -> (new value, settings keys the refusal must name)

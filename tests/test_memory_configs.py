@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -296,7 +297,10 @@ def test_zero3_trains_saves_a_whole_transformer_and_resumes_exactly(config, shar
         " (optimizer offloaded to CPU)" if config == ZERO3_OFFLOAD else ""
     )
     assert f"accelerate: {stage}, 2 process(es)" in ref.stderr
-    _launch(config, store, model, tmp_path / "cut", 2)
+    # The resumed run starts from a copy of the reference run cut back to its checkpoint-2 (the
+    # same state a run stopped after step 2 leaves: one launch fewer).
+    shutil.copytree(tmp_path / "ref", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-3")
     second = _launch(config, store, model, tmp_path / "cut", 3)
     assert f"resuming from {tmp_path / 'cut' / 'checkpoint-2'}" in second.stderr
     rows, resumed = metrics(tmp_path / "ref"), metrics(tmp_path / "cut")

@@ -42,7 +42,7 @@ def failing_reads(monkeypatch, chunk: tuple, failures: int | None):
     calls: Counter[str] = Counter()
 
     def read(path: str, start: int = 0, length: int | None = None) -> bytes | None:
-        if path == str(target) and start == offset:
+        if str(path) == str(target) and start == offset:
             calls[path] += 1
             if failures is None or calls[path] <= failures:
                 raise OSError(errno.EIO, "Input/output error", path)

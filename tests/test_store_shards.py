@@ -310,3 +310,52 @@ def test_reading_only_the_picked_variants(tmp_path, monkeypatch):
         r.read_batch(BUCKET, [5])
     with pytest.raises(StoreError, match="variant 2 is outside 0..1"):
         r.read_batch(BUCKET, [4], variants=[[2]])
+
+
+def test_a_seal_killed_while_unstaging_loses_nothing(tmp_path, monkeypatch):
+    """The seal wrote every shard and then died after removing only the first array's staged
+    files. The staged done flags go first, so the store then reads (and a rerun seals) every
+    sample from its new shards; the other order read the sample's chunks as zeros and a rerun
+    sealed those zeros over the good copy."""
+    from cogfun.common.store.shards import ShardFiles
+
+    ref, out = tmp_path / "ref.zarr", tmp_path / "s.zarr"
+    _write(ref, 6, bulk=True, shard_samples=8)
+    w = open_for_write(
+        out,
+        settings={"s": 1},
+        attrs={},
+        plan=_plan(6),
+        layout=StoreLayout(4, "moments", K, 3, 4),
+        create=True,
+        shard_samples=8,
+    )
+    g = torch.Generator().manual_seed(1)
+    for i in range(3):
+        w.write_caption(i, torch.randn(3, 4, generator=g))
+    w.write_all_masked(BUCKET, torch.randn(2, 8, 2, 2, generator=g))
+    w.write_samples(BUCKET, range(6), *_arrays(6))
+    real, calls = ShardFiles.unstage, []
+
+    def dies_after_the_first(self, rows):
+        calls.append(self.folder.name)
+        real(self, rows)
+        raise KeyboardInterrupt  # the kill
+
+    monkeypatch.setattr(ShardFiles, "unstage", dies_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        w.seal(BUCKET, 0)
+    monkeypatch.setattr(ShardFiles, "unstage", real)
+    assert calls == ["checksum"]
+    assert open_store(out, allow_incomplete=True).verify() == []
+    rerun = open_for_write(
+        out,
+        settings={"s": 1},
+        attrs={},
+        plan=_plan(6),
+        layout=StoreLayout(4, "moments", K, 3, 4),
+        create=True,
+    )
+    rerun.finalize()  # seals the shard again from what is left
+    assert not list(out.rglob(".staged/*"))
+    assert open_store(out).digest() == open_store(ref).digest()

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from cogfun.config.store_paths import NOT_RECORDED
 from cogfun.train import distributed, lora_train
 from cogfun.train.state import TrainingState
 from safetensors import safe_open
@@ -55,9 +56,12 @@ class CheckpointError(Exception):
 
 
 def resolved_config(config: Any) -> dict[str, Any]:
-    """The run's config as JSON-ready values (paths as strings)."""
+    """The run's config as JSON-ready values (paths as strings), as checkpoints and trackers
+    record it: less `--storage-options`, which may hold secrets."""
     out = {}
     for key, value in dataclasses.asdict(config).items():
+        if key in NOT_RECORDED:
+            continue
         if isinstance(value, list):
             value = [str(v) if isinstance(v, Path) else v for v in value]
         out[key] = str(value) if isinstance(value, Path) else value

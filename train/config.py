@@ -5,6 +5,8 @@ recommended run. Two defaults are read at run time rather than fixed: `--mode` i
 (its transformer's input channels) and batch tiling follows the store (on when it was encoded with
 token-length buckets, as the original tiles then). `cogfun train` also takes `cogfun precompute`'s
 options (all but `--out`): given `--data` it builds or reuses the store at `--latents` first.
+A `--latents` URL stays a string (`cogfun.config.store_paths`); `--storage-options` is never
+recorded in a checkpoint; training outputs stay local.
 """
 
 from __future__ import annotations
@@ -14,20 +16,33 @@ from pathlib import Path
 
 from cogfun.common.fields import option
 from cogfun.common.modes import MODES
+from cogfun.config.store_paths import options_text, storage_options_field, store_path
 
 DEFAULT_MODEL = "models/Diffusion_Transformer/CogVideoX-Fun-2b-InP"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    latents: list[Path] = option(
-        help="Zarr store(s) written by `cogfun precompute`. Several train on together "
+    latents: list[Path | str] = option(
+        help="Zarr store(s) written by `cogfun precompute`: local folders or object-store URLs "
+        "(s3://bucket/prefix/latents.zarr, gs://..., az://...). Several train on together "
         "(`--latents A.zarr B.zarr:3`): `:N` (a whole number, default 1) puts each sample of that "
         "store N times in every epoch, as the original's video_repeat does; a batch is always "
         "from one bucket of one store.",
         factory=lambda: [Path("latents.zarr")],
         shown="latents.zarr",
         variadic=True,
+    )
+    storage_options: str | None = storage_options_field()
+    cache_dir: Path | None = option(
+        None,
+        "Local folder caching what is read of object-store stores (shard bytes, indexes), so "
+        "later epochs read local disk; shared safely by processes. Ignored for local stores.",
+    )
+    cache_max_gb: float | None = option(
+        None,
+        "--cache-dir: most GB (10^9 bytes) the cache keeps; the least recently used entries go "
+        "first. Default: no limit.",
     )
     model: Path = option(
         Path(DEFAULT_MODEL),
@@ -38,7 +53,8 @@ class TrainConfig:
         None, "Extra transformer weights (safetensors) loaded over the model's, non-strictly."
     )
     output_dir: Path = option(
-        Path("output_dir"), "Checkpoints, metrics.jsonl, logs and loss.png go here."
+        Path("output_dir"),
+        "Checkpoints, metrics.jsonl, logs and loss.png go here (a local folder).",
     )
     mode: str | None = option(
         None,
@@ -233,4 +249,6 @@ class TrainConfig:
         # One store may be given as a plain path (the Python API, config files, older code).
         value = self.latents
         stores = [value] if isinstance(value, str | Path) else list(value)
-        object.__setattr__(self, "latents", [Path(p) for p in stores])
+        # A store URL stays a string (Path would fold its `//`); a local store is a Path.
+        object.__setattr__(self, "latents", [store_path(p) for p in stores])
+        object.__setattr__(self, "storage_options", options_text(self.storage_options))

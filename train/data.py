@@ -197,16 +197,23 @@ class StoreBatchDataset(Dataset):
     """Map-style dataset whose keys are sampler batches: ``dataset[(bucket, slots)]`` is one batch.
 
     The store is opened on first use in each process, so constructing the dataset (and pickling it
-    into spawned workers) never carries an open store. A damaged sample raises
-    ``DamagedSample`` naming it, unless ``skip_damaged``: then it is dropped from the batch and logged.
+    into spawned workers) never carries an open store, only its name (an object store's Location
+    keeps its storage options) and `cache` (`open_store`'s `--cache-dir` arguments). A damaged
+    sample raises ``DamagedSample`` naming it, unless ``skip_damaged``: then it is dropped from the
+    batch and logged.
     ``dataset[(bucket, slots, (step, micro))]`` with a ``picker`` reads, of an inpaint store, only
     the mask variants the training step at that position draws (``variants_read`` says which).
     """
 
     def __init__(
-        self, store_path: str | Path, skip_damaged: bool = False, picker: Any = None
+        self,
+        store_path: Any,
+        skip_damaged: bool = False,
+        picker: Any = None,
+        cache: Mapping[str, Any] | None = None,
     ) -> None:
-        self.store_path = Path(store_path)
+        self.store_path = _store_name(store_path)
+        self.cache = dict(cache or {})
         self.skip_damaged = skip_damaged
         self.picker = picker  # a cogfun.train.picks.VariantPicker, or None: every variant
         self._reader: Any = None
@@ -227,7 +234,7 @@ class StoreBatchDataset(Dataset):
         if self._reader is None or self._reader_pid != os.getpid():
             from cogfun.common.store import open_store
 
-            self._reader = open_store(self.store_path)
+            self._reader = open_store(self.store_path, **self.cache)
             self._reader_pid = os.getpid()
         return self._reader
 
@@ -290,7 +297,17 @@ class MultiStoreDataset(Dataset):
         return out
 
 
-StoreArg = str | Path | Sequence[tuple[str | Path, int]]
+StoreArg = Any  # a store (Path, URL or Location), or (store, weight) pairs
+
+
+def _store_name(store: Any) -> Any:
+    """A local store as a Path; an object store as its Location, which pickles with its storage
+    options (a worker process reconnects with them, whatever its defaults)."""
+    from cogfun.common.store import Location, location
+
+    if isinstance(store, Location) or "://" in str(store):
+        return location(store)
+    return Path(store)
 
 
 def make_dataloader(
@@ -304,6 +321,7 @@ def make_dataloader(
     prefetch_factor: int | None = None,
     backend: str = "threads",
     picker: Any = None,
+    cache: Mapping[str, Any] | None = None,
 ) -> tuple[ThreadLoader | EpochLoader, BucketBatchSampler]:
     """A loader yielding one store batch per item, and its sampler (for set_epoch/set_position).
 
@@ -318,14 +336,14 @@ def make_dataloader(
     (a real 2b-InP batch of 4 with 4 mask variants is ~100 MB). ``picker`` (the trainer's
     `cogfun.train.picks.VariantPicker`): ``follow`` then reads only the mask variants each step
     draws (that batch: 32 MB read instead of 69, `python -m bench.loader`); passes by hand read
-    every variant.
+    every variant. ``cache``: `open_store`'s cache arguments for every store it opens (`--cache-dir`).
     """
     from cogfun.common.store import open_store
 
     if backend not in BACKENDS:
         raise ValueError(f"make_dataloader: backend {backend!r} is not one of {BACKENDS}")
-    pairs = [(store_path, 1)] if isinstance(store_path, str | Path) else list(store_path)
-    readers = [open_store(path) for path, _ in pairs]
+    pairs = list(store_path) if isinstance(store_path, list | tuple) else [(store_path, 1)]
+    readers = [open_store(path, **(cache or {})) for path, _ in pairs]
     several = len(pairs) > 1
     slots = {
         (i, name) if several else name: np.tile(info.slots, weight)
@@ -339,7 +357,7 @@ def make_dataloader(
         num_replicas=world,
         rank=rank,
     )
-    parts = [StoreBatchDataset(path, skip_damaged, picker) for path, _ in pairs]
+    parts = [StoreBatchDataset(path, skip_damaged, picker, cache) for path, _ in pairs]
     dataset: Any = MultiStoreDataset(parts) if several else parts[0]
     pin = torch.cuda.is_available()
     if backend == "threads":

@@ -21,6 +21,7 @@ from cogfun.common.buckets import patchable_latent_frames
 from cogfun.common.model_kind import encoded_for, recorded_for, unsupported_reason
 from cogfun.common.models import ModelFolderError
 from cogfun.common.modes import mode_facts
+from cogfun.config.store_paths import is_store_url
 from cogfun.train.config import TrainConfig
 
 
@@ -45,6 +46,12 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.max_nonfinite_steps < 0:
         problems.append(
             f"--max-nonfinite-steps must be >= 0 (0: never stop; got {cfg.max_nonfinite_steps})"
+        )
+    if is_store_url(cfg.output_dir):
+        problems.append(
+            f"--output-dir {cfg.output_dir}: training outputs (checkpoints, logs, metrics, "
+            "validation samples) are written to a local folder (only the stores, --latents, may "
+            "be on an object store)"
         )
     if problems:
         raise TrainRefused("; ".join(problems))

@@ -1,6 +1,8 @@
 """`cogfun train`: check the store against the model, set up, then fit.
 
     cogfun train --latents latents.zarr --model MODEL --output-dir out
+    cogfun train --latents s3://bucket/prefix/latents.zarr [--storage-options JSON] \\
+        [--cache-dir DIR [--cache-max-gb G]] --model MODEL --output-dir out
     cogfun train --train_data_dir DATA --train_data_meta DATA/metadata.json --model MODEL ...
     accelerate launch --multi_gpu --num_processes 2 $(which cogfun) train ...
     accelerate launch --use_deepspeed --deepspeed_config_file config/zero_stage2_config.json \\
@@ -22,6 +24,7 @@ from __future__ import annotations
 from cogfun.common.models import ModelFolderError
 from cogfun.common.progress import setup_logging
 from cogfun.common.store import StoreError
+from cogfun.config.store_paths import apply_storage_options
 from cogfun.train import distributed, optim
 from cogfun.train.checkpoint import CheckpointError
 from cogfun.train.config import TrainConfig
@@ -44,4 +47,5 @@ def run(config: TrainConfig, store: StoreSource | None = None) -> None:
     """Train; `store` finds or builds the store at `config.latents` first (`cogfun train` given
     `cogfun precompute`'s options: `cogfun.app.store_build.StoreOptions`)."""
     setup_logging()
+    apply_storage_options(config.storage_options)  # every launched process parses its own
     fit(setup(config, store))

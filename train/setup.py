@@ -37,7 +37,14 @@ from cogfun.train.preflight import (
 )
 from cogfun.train.resolve import resolve_mode
 from cogfun.train.state import TrainingState
-from cogfun.train.stores import check_stores_agree, parse_latents, run_tile_factors
+from cogfun.train.stores import (
+    check_mix,
+    check_stores_agree,
+    mix_record,
+    parse_latents,
+    run_tile_factors,
+    store_cache,
+)
 from cogfun.train.validation import prepare_validation
 from diffusers.utils.logging import disable_progress_bar
 
@@ -57,6 +64,8 @@ _RESUME_FREE = {
     "logging_dir",
     "tracker_project_name",
     "output_dir",
+    "cache_dir",
+    "cache_max_gb",
     "skip_damaged",
     "save_dtype",
     # validation samples with explicit generators and leaves the weights and optimizer untouched
@@ -209,7 +218,8 @@ def setup(cfg: TrainConfig, store: StoreSource | None = None) -> Trainer:
     cfg = resolve_mode(cfg, tconfig, model_dir)
     if store is not None:
         store.ensure(cfg)
-    stores = [open_store(spec.path) for spec in specs]
+    cache = store_cache(cfg, specs)  # --cache-dir: reads of object-store stores kept locally
+    stores = [open_store(spec.path, **cache) for spec in specs]
     for each in stores:
         check_store(each, tconfig, cfg.mode, model_dir)
     check_stores_agree(stores)
@@ -249,6 +259,7 @@ def setup(cfg: TrainConfig, store: StoreSource | None = None) -> Trainer:
         skip_damaged=cfg.skip_damaged,
         backend=cfg.dataloader_backend,
         picker=VariantPicker.for_run(cfg, acc, store.layout, tiles),
+        cache=cache,
     )
     max_steps = total_steps(cfg, len(sampler), acc.gradient_accumulation_steps)
     lr_scheduler = optim.make_lr_scheduler(
@@ -283,13 +294,13 @@ def setup(cfg: TrainConfig, store: StoreSource | None = None) -> Trainer:
         scaling=store.scaling_factor,
         latent_format=store.layout.latent_format,
         tiles=tiles,
-        stores=_mix(specs, stores),
+        stores=mix_record(specs, stores),
     )
     state = TrainingState(
         world_size=acc.num_processes, batches_per_epoch=len(sampler), order=sampler.order()
     )
     if resume is not None:
-        _check_mix(read_trainer_state(resume).get("stores"), data.stores, resume)
+        check_mix(read_trainer_state(resume).get("stores"), data.stores, resume)
         _resume(acc, resume, parts, state, cfg, store.fingerprint)
     trainer = Trainer(
         config=cfg,
@@ -308,38 +319,6 @@ def setup(cfg: TrainConfig, store: StoreSource | None = None) -> Trainer:
     ]
     _log_plan(trainer, " ".join(named))
     return trainer
-
-
-def _mix(specs: list[Any], stores: list[Any]) -> list[dict[str, Any]]:
-    return [
-        {"path": str(s.path), "weight": spec.weight, "fingerprint": s.fingerprint}
-        for spec, s in zip(specs, stores, strict=True)
-    ]
-
-
-def _check_mix(saved: list[dict] | None, now: list[dict[str, Any]], checkpoint: Path) -> None:
-    """Resuming over several stores: the same number of stores with the same weights, in the same
-    order, or the data order would not be the saved one (a store with another fingerprint is
-    warned about, as one store is)."""
-    saved = saved or []
-    if len(saved) <= 1 and len(now) == 1:
-        return  # one store: checked as it always was
-    if [m.get("weight") for m in saved] != [m["weight"] for m in now]:
-        was = " ".join(f"{m.get('path')}:{m.get('weight')}" for m in saved) or "one store"
-        raise CheckpointError(
-            f"{checkpoint} was trained on --latents {was}; this run gives "
-            + " ".join(f"{m['path']}:{m['weight']}" for m in now)
-            + ": resume with the same stores and weights in the same order (or "
-            "--resume-from-checkpoint none)"
-        )
-    for old, new in zip(saved, now, strict=True):
-        if old.get("fingerprint") != new["fingerprint"]:
-            log.warning(
-                "%s was trained on a store %s with another fingerprint than %s",
-                checkpoint,
-                old.get("path"),
-                new["path"],
-            )
 
 
 def _log_plan(t: Trainer, stores: str) -> None:

@@ -6,7 +6,8 @@
   `--latents` store holding them (`cogfun.common.sample_store`). Texts are encoded by the main
   process with the model's T5 before the transformer is loaded, saved as
   `output_dir/validation/prompts.safetensors` (the encode-prompts format) and T5 is released; an
-  embeddings file (or the store's) is read as is and T5 is never built.
+  embeddings file (or the store's) is read as is and T5 is never built. A store on an object store
+  has its file copied to `output_dir/validation/validation_prompts.safetensors` first.
 - **Image to video with `--validation-paths`** (VideoX-Fun's `--validation_paths`): one start image
   per prompt, in order; each is checked (read) at start-up and its conditioning is built and
   VAE-encoded during each round, with the VAE that round loads for its decode anyway: nothing is held
@@ -141,13 +142,13 @@ def prepare_validation(
         return None
     from cogfun.common.models import ModelFolderError, check_model_folder
 
-    source = _source(cfg)
+    out_dir = cfg.output_dir / "validation"
+    source = prompts_source(cfg, out_dir)
     parts = ["vae"] if isinstance(source, Path) else ["vae", "tokenizer", "text_encoder"]
     try:
         check_model_folder(model_dir, parts)
     except ModelFolderError as err:
         raise ValidationError(f"--validation-prompts needs {', '.join(parts)}: {err}") from err
-    out_dir = cfg.output_dir / "validation"
     images = None
     if isinstance(source, list):
         images = _start_images(cfg, len(source))  # checked before T5 runs
@@ -189,18 +190,31 @@ def prepare_validation(
     )
 
 
-def _source(cfg: Any) -> Path | list[str]:
+def prompts_source(cfg: Any, out_dir: Path) -> Path | list[str]:
+    """Where validation prompts come from: the prompt list or embeddings file `--validation-prompts`
+    names, or with `store` the first `--latents` store's file (copied into `out_dir` from an
+    object store, read in place from a local one)."""
     if list(cfg.validation_prompts) != [FROM_STORE]:
         return prompt_source(cfg.validation_prompts)
-    from cogfun.common.sample_store import find_store_prompts
+    from cogfun.common.sample_store import STORE_FILE, find_store_prompts
+    from cogfun.common.store import location
     from cogfun.train.stores import parse_latents
 
     try:
-        path = find_store_prompts([spec.path for spec in parse_latents(cfg.latents)])
+        found = find_store_prompts([spec.path for spec in parse_latents(cfg.latents)])
     except FileNotFoundError as err:
         raise ValidationError(str(err)) from err
-    log.info("validation: prompts from the store, %s", path)
-    return path
+    log.info("validation: prompts from the store, %s", found)
+    if found.local:
+        return found.path
+    # Read like any embeddings file: each process copies it (whole, under its own temporary name).
+    data = found.read()
+    if data is None:
+        raise ValidationError(f"--validation-prompts {FROM_STORE}: {found} disappeared")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy = out_dir / STORE_FILE
+    location(copy).write(data)
+    return copy
 
 
 def _start_images(cfg: Any, prompts: int) -> list[Path]:

@@ -11,6 +11,11 @@ Precompute writes it, training and `cogfun inspect` read it:
     r = open_store(path)                            # fast: no per-sample reads
     r.read_batch(bucket, slots)                     # checksums verified
 
+`path` is a local folder or an object-store URL (`s3://bucket/prefix/latents.zarr`, gs://, az://;
+`location(url, storage_options)` for options of its own): every file goes through a `Location`
+(location.py), so a store keeps the same rules on both. `open_store(url, cache_dir=...)` reads a
+finished remote store through a local cache folder.
+
 On-disk layout, schema 2 (bf16 is stored as its uint16 bits; every array compressed with Blosc zstd):
 
     STORE/zarr.json                    root attributes:
@@ -40,15 +45,18 @@ On-disk layout, schema 2 (bf16 is stored as its uint16 bits; every array compres
     STORE/captions/  embeddings (M, L, D) uint16 and checksum (M,) uint64 (done flag), sharded
                      `caption_shard` captions a file; texts (M,) string. Index 0 is always "".
     STORE/failures/<sha256(key)[:32]>.json   {key, file, reason, row}: one file per failed input
-    .STORE.lock (beside the store)     flock held by the one live precompute (`StoreLock`);
+    STORE/.creating                    object stores only: present while the store is created
+                                       (create.py); a prefix holding it is no store yet
+    .STORE.lock (beside the store)     held by the one live precompute (`StoreLock`);
                                        `live_writer(path)` tells "being written now" from "interrupted"
 
 Writing (`shards.py`): a sample's chunks are staged as small files, its checksum last; when every
 sample of a shard is staged (or failed), the one process that owns the shard (global shard g:
 process g % world) seals it: one new file per array, streamed from the staged chunks (and, on a
-rerun, the shard's still-valid chunks), checksum array last, each through a temporary name and a
-rename; then the staged files go. Nothing is ever written into a shard in place, so two processes
-never share a file and an object store (no partial writes) can hold a store the same way.
+rerun, the shard's still-valid chunks), checksum array last, each written whole (a temporary name
+and a rename locally, one PUT on an object store); then the staged files go. Nothing is ever
+written into a shard in place, so two processes never share a file and an object store (no
+partial writes, no renames) holds a store the same way.
 
 A sample's checksum (blake2b, 64 bits) covers its bucket name and slot, the exact bytes of its
 arrays, its caption index and its provenance hash, so a dropped chunk (zarr returns zeros), a
@@ -60,6 +68,7 @@ resized. Schema-1 stores (one chunk file per sample, cogfun before sharding) are
 from cogfun.common.store.create import open_for_write
 from cogfun.common.store.grow import read_plan
 from cogfun.common.store.io import check_root
+from cogfun.common.store.location import Location, location
 from cogfun.common.store.lock import StoreLock, live_writer
 from cogfun.common.store.read import StoreReader, open_store
 from cogfun.common.store.schema import (
@@ -86,6 +95,7 @@ __all__ = [
     "BucketPlan",
     "DamagedSample",
     "FingerprintMismatch",
+    "Location",
     "RowPlan",
     "StoreError",
     "StoreLayout",
@@ -100,6 +110,7 @@ __all__ = [
     "fingerprint",
     "shard_size",
     "live_writer",
+    "location",
     "open_for_write",
     "open_store",
 ]

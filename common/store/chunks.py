@@ -4,28 +4,33 @@ Private helper of `cogfun.common.store`. zarr spends about 1 ms of Python and ev
 chunk it reads or writes, several times the cost of the file operation itself, and the store keeps
 one chunk file per sample per array. For the simple arrays the store creates (one chunk per row,
 flat `c.<row>.0...` keys, little-endian bytes, optionally Blosc) this module reads and writes those
-files itself, byte for byte what zarr reads and writes (tests/test_store_chunks.py compares both):
+files itself, byte for byte what zarr reads and writes (tests/test_store_shards.py compares both):
 
 - a missing chunk file reads as the fill value (0), as in zarr;
 - a row equal to the fill value is not written and its old file is removed (zarr's
   `write_empty_chunks=False`), so a rewritten sample leaves the same files as a zarr write;
-- each file goes through a temporary name and a rename (as zarr's LocalStore does), so a `kill -9`
-  leaves the old file or the new one, never a torn one.
+- each file is written whole (`Location.write`: a temporary name and a rename locally, as zarr's
+  LocalStore does; one PUT on an object store), so a `kill -9` leaves the old file or the new
+  one, never a torn one.
+
+Every chunk and shard byte the store reads or writes goes through `read_chunk_bytes`,
+`read_chunk_ranges` and `put` (each taking the file's `Location`): the tests and
+`cogfun.testing.faults` replace them to count reads or inject faults.
 
 `chunk_files` returns None for any array whose metadata is not that simple layout; callers then go
 through zarr, so the store stays readable whatever another zarr writer made of it.
 
 Reads tell the disk from the data: an I/O error (OSError other than a missing file) is retried
 `READ_ATTEMPTS` times with a doubling pause and then raised as `StoreReadError`, never reported as a
-damaged sample; bytes that cannot be decoded (or decode to the wrong size) are damage.
+damaged sample; bytes that cannot be decoded (or decode to the wrong size) are damage. An object
+store's request has been retried by its backend already (`objects.py`), so its
+`ObjectStoreIOError` becomes a `StoreReadError` at once.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +38,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from cogfun.common.store.location import Location, location
+from cogfun.common.store.objects import ObjectStoreIOError
 from cogfun.common.store.schema import (
     StoreReadError,
 )
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WRITE_THREADS = 8  # compression and file syscalls release the GIL, so threads overlap them
+REMOTE_THREADS = 16  # requests in flight at once to an object store (each waits on the network)
 # A failing read is tried this many times in all, pausing READ_BACKOFF_S, then twice that, ... in
 # between (0.1 + 0.2 + 0.4 + 0.8 = 1.5 s): long enough for a network filesystem's brief hiccup,
 # short enough that a dead disk is reported within seconds.
@@ -58,14 +66,13 @@ class ChunkFiles:
 
     def __init__(
         self,
-        folder: Path,
+        folder: Location,
         shape: tuple[int, ...],
         dtype: str,
         blosc: Blosc | None,
         chunk_rows: int = 1,
     ):
         self.folder = folder
-        self._prefix = os.path.join(folder, "c.")  # plain strings: pathlib costs ~10 us a file
         self.row_shape = tuple(shape[1:])
         self.rows = shape[0]
         self.chunk_rows = chunk_rows
@@ -74,9 +81,9 @@ class ChunkFiles:
         self._suffix = ".0" * len(self.row_shape)
         self._row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def path(self, row: int) -> str:
+    def path(self, row: int) -> Location:
         """The file of chunk `row` (the row itself when chunk_rows is 1)."""
-        return f"{self._prefix}{int(row)}{self._suffix}"
+        return self.folder / f"c.{int(row)}{self._suffix}"
 
     # ---- reads ----
 
@@ -92,7 +99,7 @@ class ChunkFiles:
     def _load(self, index: int, lead: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
         nbytes = self._row_bytes * (lead[0] if lead else 1)
         path = self.path(index)
-        data = retry_reads(lambda: read_chunk_bytes(path), path)
+        data = retry_reads(lambda: read_chunk_bytes(path), str(path))
         if data is None:
             return np.zeros(shape, dtype=self.dtype)
         if self.blosc is not None:
@@ -114,7 +121,7 @@ class ChunkFiles:
     def read_flags(self) -> np.ndarray:
         """Every row of a (N,) array; a file that is missing or cannot be decoded counts as 0."""
         out = np.zeros(self.rows, dtype=self.dtype.newbyteorder("="))
-        for name in os.listdir(self.folder):
+        for name in self.folder.listdir():
             index = name[2:].split(".", 1)[0] if name.startswith("c.") else ""
             # Only chunk keys: temporary files of interrupted writes are skipped.
             if (
@@ -130,33 +137,39 @@ class ChunkFiles:
         return out
 
 
-def read_chunk_bytes(path: str, start: int = 0, length: int | None = None) -> bytes | None:
+def read_chunk_bytes(path: Location, start: int = 0, length: int | None = None) -> bytes | None:
     """A chunk file's bytes (`length` bytes from `start`, a negative start counting from the
-    end; the whole file by default); None when the file does not exist (zarr's fill value). The
-    one function every store read of chunk or shard bytes goes through."""
-    try:
-        with open(path, "rb") as f:
-            if start < 0:  # from the end; a file shorter than that is read whole (damage)
-                f.seek(-min(-start, os.fstat(f.fileno()).st_size), os.SEEK_END)
-            elif start:
-                f.seek(start)
-            return f.read() if length is None else f.read(length)
-    except FileNotFoundError:
-        return None
+    end; the whole file by default); None when the file does not exist (zarr's fill value). With
+    `read_chunk_ranges`, the one way every store read of chunk or shard bytes goes."""
+    return path.read(start, length)
+
+
+def read_chunk_ranges(path: Location, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+    """Several (start, length) byte ranges of one shard file in one call (an object store fetches
+    them together); None when the file does not exist."""
+    return path.read_ranges(ranges)
 
 
 def retry_reads(read: Callable[[], T], path: str) -> T:
     """`read()`, tried again after an OSError (a missing file is an answer, not an error) up to
-    READ_ATTEMPTS times in all; then `StoreReadError` naming `path`."""
+    READ_ATTEMPTS times in all; then `StoreReadError` naming `path`. An object store's failure
+    (`ObjectStoreIOError`, already retried by its backend) is raised as `StoreReadError` at once;
+    a failed request of obstore itself (zarr's reads of an object store, which do not go through
+    `Location`) is retried like an OSError."""
     pause = READ_BACKOFF_S
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
             return read()
         except FileNotFoundError:
             raise
-        except OSError as err:
+        except ObjectStoreIOError as err:
+            raise StoreReadError(path, err, err.attempts) from err
+        except Exception as exc:
+            err = _os_error(exc)
+            if err is None:
+                raise
             if attempt == READ_ATTEMPTS:
-                raise StoreReadError(path, err, attempt) from err
+                raise StoreReadError(path, err, attempt) from exc
             log.warning(
                 "%s: %s; reading again in %.2f s (attempt %d of %d)",
                 path,
@@ -170,32 +183,35 @@ def retry_reads(read: Callable[[], T], path: str) -> T:
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def put(path: str, data: bytes | Iterable[bytes] | None) -> None:
+def _os_error(exc: Exception) -> OSError | None:
+    """`exc` as the OSError to retry: itself, or for a failed request of obstore an EIO naming
+    its first line; None for anything else (not an I/O error). A missing object raises
+    FileNotFoundError."""
+    if isinstance(exc, OSError):
+        return exc
+    if not type(exc).__module__.startswith("obstore"):
+        return None
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if type(exc).__name__ == "NotFoundError":
+        raise FileNotFoundError(errno.ENOENT, first) from exc
+    return OSError(errno.EIO, first)
+
+
+def put(path: Location, data: bytes | Iterable[bytes] | None) -> None:
     """Write `data` (bytes, or pieces written one after another: a shard is streamed, never held
-    whole) to `path` through a temporary file and a rename; None removes the file. The one
-    function every store write of chunk or shard bytes goes through."""
-    if data is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
-    pieces = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
-    try:
-        with open(tmp, "wb") as f:
-            for piece in pieces:
-                f.write(piece)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    whole) to `path`, whole (`Location.write`: a temporary file and a rename, or one PUT); None
+    removes the file. The one function every store write of chunk or shard bytes goes through."""
+    path.write(data)
 
 
 def stage_all(items: Iterable[tuple[Any, int, np.ndarray | None]]) -> None:
     """`files.stage(row, value)` for every item, many at a time (compression and file writes
     release the GIL); returns once all are on disk, raising the first error."""
     items = list(items)
-    threads = max(1, min(WRITE_THREADS, len(items) // 16))  # a thread per 16 files at least
+    if items and not items[0][0].folder.local:  # requests: many in flight at once
+        threads = max(1, min(REMOTE_THREADS, len(items)))
+    else:
+        threads = max(1, min(WRITE_THREADS, len(items) // 16))  # a thread per 16 files at least
     if threads == 1:
         _stage_each(items)
         return
@@ -209,9 +225,11 @@ def _stage_each(items: list[tuple[Any, int, np.ndarray | None]]) -> None:
         files.stage(row, value)
 
 
-def chunk_files(meta: dict, folder: Path, multi_row: bool = False) -> ChunkFiles | None:
-    """ChunkFiles for an array's parsed `zarr.json`, or None when it is not the simple layout
-    (one row per chunk; several with `multi_row`, for `read_chunk` only)."""
+def chunk_files(
+    meta: dict, folder: str | Path | Location, multi_row: bool = False
+) -> ChunkFiles | None:
+    """ChunkFiles for an array's parsed `zarr.json` (its folder `folder`), or None when it is not
+    the simple layout (one row per chunk; several with `multi_row`, for `read_chunk` only)."""
     try:
         shape = tuple(int(v) for v in meta["shape"])
         chunks = tuple(int(v) for v in meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -237,7 +255,7 @@ def chunk_files(meta: dict, folder: Path, multi_row: bool = False) -> ChunkFiles
     blosc = blosc_of(codecs, dtype)
     if blosc is False:
         return None
-    return ChunkFiles(folder, shape, dtype, blosc, chunk_rows=chunks[0])
+    return ChunkFiles(location(folder), shape, dtype, blosc, chunk_rows=chunks[0])
 
 
 def blosc_of(codecs: list, dtype: str) -> Blosc | None | bool:

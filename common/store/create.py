@@ -1,21 +1,33 @@
 """Creating or resuming a store (`open_for_write`).
 
-Private helper of `cogfun.common.store`. The whole pre-sized store is built in a sibling folder and
-renamed into place, so a half-created store never exists under the final name. An existing store is
-resumed only with the same fingerprint, layout and plan; otherwise FingerprintMismatch names what
-differs.
+Private helper of `cogfun.common.store`. A half-created store never passes for a store:
+
+- locally the whole pre-sized store is built in a sibling folder and renamed into place, so it
+  never exists under the final name;
+- an object store has no rename: the creator first writes a `.creating` marker object under the
+  store's prefix, then every object of the new store but its root (zarr builds them in memory;
+  they go out in parallel), then the root's `zarr.json` with all its attributes (one PUT: from
+  then on the prefix holds a cogfun store), and deletes the marker last. Readers and resuming
+  writers treat a prefix holding the marker as no store (`io.being_created`); the next creator
+  deletes what it holds and starts again.
+
+An existing store is resumed only with the same fingerprint, layout and plan; otherwise
+FingerprintMismatch names what differs.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import zarr
+from cogfun.common.store.fetch import in_parallel
 from cogfun.common.store.grow import add_bucket, grow
-from cogfun.common.store.io import check_root, create_array
+from cogfun.common.store.io import CREATING, being_created, check_root, create_array
+from cogfun.common.store.location import Location, location
 from cogfun.common.store.schema import (
     DEFAULT_COMPRESSION,
     FAILURES_DIR,
@@ -37,6 +49,7 @@ from cogfun.common.store.specs import (
     caption_specs,
 )
 from cogfun.common.store.write import StoreWriter, now_iso
+from zarr.storage import MemoryStore
 
 # Variable-width strings: a fixed-width numpy array would pad every row to the longest one.
 STRINGS = np.dtypes.StringDType()
@@ -55,15 +68,48 @@ def _validate_layout(layout: StoreLayout) -> None:
 
 
 def _create(
+    path: Location, root_attrs: dict, plan: StorePlan, layout: StoreLayout, compression: dict
+) -> None:
+    """Build the whole pre-sized store at `path` (see the module doc for how, on each kind)."""
+    if path.local:
+        _create_local(path.path, root_attrs, plan, layout, compression)
+        return
+    marker = path / CREATING
+    if marker.is_file():  # left by a creator killed mid-way; only one process ever creates
+        path.delete_tree()
+    if not marker.create(f"pid {os.getpid()} on {socket.gethostname()}".encode()):
+        raise StoreError(f"{path} is being created by another process right now")
+    built: dict = {}  # key -> zarr Buffer: the objects zarr would write, made in memory
+    root = zarr.open_group(MemoryStore(built), mode="w", attributes=root_attrs)
+    _fill(root, root_attrs, plan, layout, compression)
+    meta = built.pop("zarr.json").to_bytes()
+    writes = [lambda k=k, v=v: (path / k).write(v.to_bytes()) for k, v in sorted(built.items())]
+    in_parallel(writes)
+    (path / "zarr.json").write(meta)  # from here on the prefix holds a cogfun store
+    marker.delete()
+
+
+def _create_local(
     path: Path, root_attrs: dict, plan: StorePlan, layout: StoreLayout, compression: dict
 ) -> None:
-    """Build the whole pre-sized store in a sibling folder, then rename it into place."""
-    shard_rows, caption_rows = root_attrs["shard_samples"], root_attrs["caption_shard"]
+    """Build the store in a sibling folder, then rename it into place."""
     tmp = path.parent / f".{path.name}.creating"
     if tmp.exists():  # left by a creator killed mid-way; only one process ever creates
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(str(tmp), mode="w", attributes=root_attrs)
+    _fill(root, root_attrs, plan, layout, compression)
+    (tmp / FAILURES_DIR).mkdir()
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()  # an empty folder the user made for the store
+    os.rename(tmp, path)
+
+
+def _fill(
+    root: zarr.Group, root_attrs: dict, plan: StorePlan, layout: StoreLayout, compression: dict
+) -> None:
+    """The root's groups and pre-sized arrays, with the plan rows and caption texts written."""
+    shard_rows, caption_rows = root_attrs["shard_samples"], root_attrs["caption_shard"]
     buckets = root.create_group("buckets")
     for b in plan.buckets:
         add_bucket(buckets, b, layout, shard_rows, compression)
@@ -71,14 +117,10 @@ def _create(
     for spec in caption_specs(len(plan.captions), layout, caption_rows):
         create_array(captions, spec, compression)
     captions["texts"][:] = np.asarray(plan.captions, dtype=STRINGS)
-    (tmp / FAILURES_DIR).mkdir()
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()  # an empty folder the user made for the store
-    os.rename(tmp, path)
 
 
 def open_for_write(
-    path: str | Path,
+    path: str | Path | Location,
     *,
     settings: dict,
     attrs: dict,
@@ -94,14 +136,15 @@ def open_for_write(
     when the store is created; they change no decoded byte, so they are not part of the
     fingerprint (a resumed store keeps its own).
     """
-    path = Path(path)
+    path = location(path)
     _validate_layout(layout)
     validate_plan(plan, str(path))
     settings = normalise_json(settings, "settings")
     digest = plan_digest(plan)
     update = None  # what growing the store to `plan` did, when it did
-    if not (path / "zarr.json").exists():
-        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+    creating = being_created(path)  # an object store's creator was killed: no store yet
+    if creating or not (path / "zarr.json").exists():
+        if not creating and path.exists() and not (path.is_dir() and not path.listdir()):
             raise StoreError(f"{path} exists and is not a cogfun store: choose another store path")
         if not create:
             raise StoreError(

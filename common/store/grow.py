@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from cogfun.common.store.io import create_array, open_root
+from cogfun.common.store.location import Location, location
 from cogfun.common.store.schema import (
     BucketPlan,
     RowPlan,
@@ -76,10 +77,11 @@ def _bucket_attrs(b: BucketPlan, layout: StoreLayout) -> dict:
     }
 
 
-def read_plan(path: str | Path) -> StorePlan:
+def read_plan(path: str | Path | Location) -> StorePlan:
     """The rows a (schema 2) store holds, bucket by bucket in slot order, with their keys and
     live flags, and its captions: what an incremental plan is made against."""
-    root = open_root(Path(path), "r")
+    path = location(path)
+    root = open_root(path, "r")
     attrs = root.attrs.asdict()
     if attrs.get("schema_version", 0) < 2:
         raise StoreError(f"{path}: a schema-1 store has no row keys: write a new store")
@@ -112,7 +114,7 @@ def read_plan(path: str | Path) -> StorePlan:
     return StorePlan(buckets, texts)
 
 
-def grow(path: Path, old: dict, plan: StorePlan, layout: StoreLayout, digest: str) -> dict:
+def grow(path: Location, old: dict, plan: StorePlan, layout: StoreLayout, digest: str) -> dict:
     """Grow the store at `path` (root attributes `old`) to `plan`; returns and records what the
     update did: rows added, reused (live before and now), retired, brought back."""
     root = open_root(path, "r+")

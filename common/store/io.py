@@ -2,7 +2,9 @@
 row reads (`take_rows`: chunk files directly, or zarr under the same I/O retries).
 
 Private helper of `cogfun.common.store`. Every zarr call that can fail on a damaged store is wrapped
-here so that the error names the file on disk and the reason.
+here so that the error names the file (its local path or its URL) and the reason. Every function
+takes the store's files as `Location`s: zarr is given `Location.zarr_store()`, the store's own
+reads go through `Location`.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import numpy as np
 import torch
 import zarr
 from cogfun.common.store.chunks import ChunkFiles, chunk_files, retry_reads
+from cogfun.common.store.location import Location, location
+from cogfun.common.store.objects import ObjectStoreIOError
 from cogfun.common.store.schema import (
     READABLE_SCHEMAS,
     SCHEMA_VERSION,
     STORE_FORMAT,
     StoreError,
     StoreReadError,
+    brief,
     fingerprint,
 )
 from cogfun.common.store.shards import ShardFiles, shard_files
@@ -31,23 +36,29 @@ from zarr.codecs import BloscCodec
 
 # Flat chunk keys (`c.17.0.0.0.0`): one file per chunk, no directory per chunk index.
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
+# On an object store, the marker a creator writes first and deletes last (create.py): a store
+# prefix holding it is being created, or its creator was killed; it is no store yet.
+CREATING = ".creating"
 
 
-def node_json(path: Path) -> dict:
+def node_json(path: Location) -> dict:
     """The parsed `zarr.json` of a group or array folder, or a StoreError naming the file."""
     meta = path / "zarr.json"
-    if not meta.is_file():
-        raise StoreError(f"{meta} is missing: not a cogfun store, or the store is damaged")
     try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
+        text = meta.read_text()
+        if text is None:
+            raise StoreError(f"{meta} is missing: not a cogfun store, or the store is damaged")
+        data = json.loads(text)
+    except ObjectStoreIOError as exc:  # the object store failed (after its retries), not the file
+        raise StoreReadError(str(meta), exc, exc.attempts) from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{meta} is unreadable or was edited: {exc}") from exc
+        raise StoreError(f"{meta} is unreadable or was edited: {brief(exc)}") from exc
     if not isinstance(data, dict) or data.get("zarr_format") != 3 or "node_type" not in data:
         raise StoreError(f"{meta} is not Zarr v3 metadata (edited or damaged)")
     return data
 
 
-def node_attributes(path: Path, node_type: str) -> dict:
+def node_attributes(path: Location, node_type: str) -> dict:
     data = node_json(path)
     if data["node_type"] != node_type:
         raise StoreError(
@@ -59,20 +70,21 @@ def node_attributes(path: Path, node_type: str) -> dict:
     return attrs
 
 
-def open_root(path: Path, mode: str) -> zarr.Group:
+def open_root(path: Location, mode: str) -> zarr.Group:
     try:
-        return zarr.open_group(str(path), mode=mode, use_consolidated=False)
+        store = path.zarr_store(read_only=mode == "r")
+        return zarr.open_group(store, mode=mode, use_consolidated=False)
     except Exception as exc:  # zarr raises several types for one cause: a bad root
-        raise StoreError(f"{path}: cannot open the store's root group: {exc}") from exc
+        raise StoreError(f"{path}: cannot open the store's root group: {brief(exc)}") from exc
 
 
-def open_group(root: zarr.Group, name: str, group_dir: Path) -> zarr.Group:
+def open_group(root: zarr.Group, name: str, group_dir: Location) -> zarr.Group:
     """A child group of the root, its metadata checked first so errors name the file."""
     node_attributes(group_dir, "group")
     try:
         group = root[name]
     except Exception as exc:
-        raise StoreError(f"{group_dir / 'zarr.json'}: cannot open group: {exc}") from exc
+        raise StoreError(f"{group_dir / 'zarr.json'}: cannot open group: {brief(exc)}") from exc
     if not isinstance(group, zarr.Group):
         raise StoreError(f"{group_dir / 'zarr.json'}: expected a group")
     return group
@@ -94,14 +106,14 @@ def create_array(group: zarr.Group, spec: ArraySpec, compression: dict) -> zarr.
     )
 
 
-def open_array(group: zarr.Group, group_dir: Path, spec: ArraySpec) -> zarr.Array:
+def open_array(group: zarr.Group, group_dir: Location, spec: ArraySpec) -> zarr.Array:
     """Open one array and check its shape and dtype against the schema."""
     where = group_dir / spec.name / "zarr.json"
     node_json(group_dir / spec.name)
     try:
         arr = group[spec.name]
     except Exception as exc:
-        raise StoreError(f"{where}: cannot open array: {exc}") from exc
+        raise StoreError(f"{where}: cannot open array: {brief(exc)}") from exc
     if not isinstance(arr, zarr.Array):
         raise StoreError(f"{where}: expected an array")
     dtype_ok = arr.dtype.kind in "TUO" if spec.dtype == "str" else arr.dtype == np.dtype(spec.dtype)
@@ -114,7 +126,7 @@ def open_array(group: zarr.Group, group_dir: Path, spec: ArraySpec) -> zarr.Arra
 
 
 def open_chunk_files(
-    group_dir: Path, spec: ArraySpec, multi_row: bool = False
+    group_dir: Location, spec: ArraySpec, multi_row: bool = False
 ) -> ChunkFiles | ShardFiles | None:
     """Direct access to a per-sample array's files: one chunk file per row (schema 1, or with
     `multi_row` any array chunked by whole rows, for `read_chunk`), or shard files (schema 2);
@@ -176,15 +188,29 @@ def to_flags(x: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
     return arr.astype(bool).astype(np.uint8)
 
 
-def disk_bytes(path: Path) -> int:
-    """Apparent size of every file under path."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def disk_bytes(path: str | Path | Location) -> int:
+    """Apparent size of every file (object) under path."""
+    path = location(path)
+    size = path.size()
+    if size is not None:
+        return size
+    return sum(size for _, size in path.walk())
 
 
-def check_root(path: Path) -> dict:
+def being_created(path: Location) -> bool:
+    """Whether an object-store prefix holds the creation marker: its creator is at work, or was
+    killed (a local store is built beside its folder and renamed into place: never)."""
+    return not path.local and (path / CREATING).is_file()
+
+
+def check_root(path: str | Path | Location) -> dict:
     """Root attributes of an existing store, after checking the format and schema version."""
+    path = location(path)
+    if being_created(path):
+        raise StoreError(
+            f"{path} is not a finished store: its creation is under way or was interrupted "
+            "(rerun the precompute that creates it)"
+        )
     attrs = node_attributes(path, "group")
     where = path / "zarr.json"
     if attrs.get("format") != STORE_FORMAT:

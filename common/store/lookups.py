@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import zarr
 from cogfun.common.store.io import from_bits, open_array, open_chunk_files, open_group, take_rows
-from cogfun.common.store.schema import DamagedSample, StoreError, StoreReadError
+from cogfun.common.store.schema import DamagedSample, StoreError, StoreReadError, brief
 from cogfun.common.store.specs import caption_specs, plan_chunk_rows
 from cogfun.common.store.sums import caption_checksum
 
@@ -50,7 +50,7 @@ class StoreLookups:
             return np.asarray(arrays["caption"][:]), np.asarray(arrays["provenance_hash"][:])
         except Exception as exc:
             raise StoreError(
-                f"{self.path / 'buckets' / bucket}: plan rows unreadable: {exc}"
+                f"{self.path / 'buckets' / bucket}: plan rows unreadable: {brief(exc)}"
             ) from exc
 
     def _plan_values(self, bucket: str, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +77,7 @@ class StoreLookups:
                     )
                 except Exception as exc:
                     raise StoreError(
-                        f"{self.path / 'buckets' / bucket}: plan rows unreadable: {exc}"
+                        f"{self.path / 'buckets' / bucket}: plan rows unreadable: {brief(exc)}"
                     ) from exc
                 self._rows[key] = values  # one assignment of a finished value: no lock needed
             inside = slots // size == chunk
@@ -109,7 +109,7 @@ class StoreLookups:
             return np.asarray([str(k) for k in arrays["key"][:]], dtype=object)
         except Exception as exc:
             where = self.path / "buckets" / bucket / "key"
-            raise StoreError(f"{where}: the row keys are unreadable: {exc}") from exc
+            raise StoreError(f"{where}: the row keys are unreadable: {brief(exc)}") from exc
 
     def source_file(self, bucket: str, slot: int) -> str | None:
         try:
@@ -135,7 +135,7 @@ class StoreLookups:
             raise exc.for_sample(f"captions/{i}") from exc.__cause__
         except Exception as exc:
             raise DamagedSample(
-                "captions", i, f"a caption chunk file is unreadable: {exc}"
+                "captions", i, f"a caption chunk file is unreadable: {brief(exc)}"
             ) from exc
         if stored == 0:
             raise DamagedSample(

@@ -9,10 +9,16 @@ is not damage: it is retried, then raised as `StoreReadError` naming the file an
 
 A `StoreReader` may be shared by threads (the training loader's reader threads share one): its
 lazily filled caches are filled under a lock, and reads themselves keep no state.
+
+A store on an object store is read the same way (`Location`); with `cache_dir`, a finished one's
+files are read through a local cache folder (`cache.py`) in a namespace of the store's URL,
+fingerprint and finalization, so a store finalized again (grown, resumed) never serves bytes
+cached from its older version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,6 +41,7 @@ from cogfun.common.store.io import (
     read_flags,
     zarr_read,
 )
+from cogfun.common.store.location import Location, location
 from cogfun.common.store.lock import live_writer
 from cogfun.common.store.lookups import StoreLookups
 from cogfun.common.store.schema import (
@@ -43,6 +50,7 @@ from cogfun.common.store.schema import (
     StoreError,
     StoreLayout,
     StoreReadError,
+    brief,
     latent_shape_of,
 )
 from cogfun.common.store.shards import ShardFiles
@@ -56,18 +64,48 @@ from cogfun.common.store.sums import (
 )
 
 
-def open_store(path: str | Path, *, allow_incomplete: bool = False) -> StoreReader:
-    """Open a finished store for reading (fast: reads metadata and the per-bucket done indexes)."""
-    return StoreReader(Path(path), allow_incomplete=allow_incomplete)
+def open_store(
+    path: str | Path | Location,
+    *,
+    allow_incomplete: bool = False,
+    cache_dir: str | Path | None = None,
+    cache_max_bytes: int | None = None,
+) -> StoreReader:
+    """Open a finished store for reading (fast: reads metadata and the per-bucket done indexes);
+    with `cache_dir`, a finished store on an object store is read through that local folder
+    (kept under `cache_max_bytes`, least recently used first out)."""
+    return StoreReader(
+        path,
+        allow_incomplete=allow_incomplete,
+        cache_dir=cache_dir,
+        cache_max_bytes=cache_max_bytes,
+    )
+
+
+def cache_namespace(url: str, root: dict) -> str:
+    """The cache folder's namespace of one version of a store: its URL, fingerprint and what
+    finalize recorded (its time, plan and done indexes): a store finalized again gets another."""
+    parts = [url, root.get("fingerprint"), root.get("finalized_at"), root.get("plan_digest")]
+    parts.append(root.get("index_checksums"))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 class StoreReader(StoreLookups):
     """Read access to one store. Picklable: a copy reopens the store (for DataLoader workers)."""
 
-    def __init__(self, path: Path, *, allow_incomplete: bool = False):
-        self.path = Path(path)
+    def __init__(
+        self,
+        path: str | Path | Location,
+        *,
+        allow_incomplete: bool = False,
+        cache_dir: str | Path | None = None,
+        cache_max_bytes: int | None = None,
+    ):
+        self.source = location(path)  # the store itself (never through the cache)
+        self.path = self.source
         self._allow_incomplete = allow_incomplete
-        root = check_root(self.path)
+        self._cache = (None if cache_dir is None else str(cache_dir), cache_max_bytes)
+        root = check_root(self.path)  # the root attributes: never from the cache
         self.status: str = root["status"]
         if self.status != "complete" and not allow_incomplete:
             writer = live_writer(self.path)
@@ -78,6 +116,9 @@ class StoreReader(StoreLookups):
                 "precompute command to finish it"
             )
             raise StoreError(f"{self.path} is incomplete (status {self.status!r}): {state}")
+        if cache_dir is not None and self.status == "complete" and not self.source.local:
+            namespace = cache_namespace(str(self.source), root)
+            self.path = self.source.cached(cache_dir, namespace, cache_max_bytes)
         self.root_attrs = root
         self.attrs: dict = root.get("attrs", {})
         self.settings: dict = root["settings"]
@@ -104,10 +145,20 @@ class StoreReader(StoreLookups):
             self._check_counts()
 
     def __getstate__(self) -> dict:
-        return {"path": str(self.path), "allow_incomplete": self._allow_incomplete}
+        return {
+            "path": self.source,  # a Location pickles with its storage options
+            "allow_incomplete": self._allow_incomplete,
+            "cache_dir": self._cache[0],
+            "cache_max_bytes": self._cache[1],
+        }
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(Path(state["path"]), allow_incomplete=state["allow_incomplete"])
+        self.__init__(
+            state["path"],
+            allow_incomplete=state["allow_incomplete"],
+            cache_dir=state.get("cache_dir"),
+            cache_max_bytes=state.get("cache_max_bytes"),
+        )
 
     def _check_counts(self) -> None:
         """finalize recorded each bucket's stored count: an edited bucket list or done index
@@ -135,7 +186,7 @@ class StoreReader(StoreLookups):
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(
-                f"{group_dir / 'zarr.json'}: bucket attributes missing or edited ({exc})"
+                f"{group_dir / 'zarr.json'}: bucket attributes missing or edited ({brief(exc)})"
             ) from exc
         f_lat, h, w = latent_shape_of(info.frames, info.height, info.width)
         if info.latent_shape != (f_lat, self.layout.latent_channels, h, w):
@@ -151,7 +202,7 @@ class StoreReader(StoreLookups):
                 done = np.asarray(done_array[:], dtype=np.uint8)
             except Exception as exc:  # zarr/blosc raise many types for one cause: a bad chunk
                 raise StoreError(
-                    f"{group_dir / 'done'}: the done index is unreadable: {exc}"
+                    f"{group_dir / 'done'}: the done index is unreadable: {brief(exc)}"
                 ) from exc
             if checksum([done.tobytes()]) != self.root_attrs.get("index_checksums", {}).get(name):
                 raise StoreError(
@@ -249,7 +300,7 @@ class StoreReader(StoreLookups):
                 raise exc.for_sample(f"{bucket}/{slot}") from exc.__cause__
             except Exception as exc:
                 raise self._damaged(
-                    bucket, slot, f"the bucket's all-masked latents are unreadable: {exc}"
+                    bucket, slot, f"the bucket's all-masked latents are unreadable: {brief(exc)}"
                 ) from exc
             if stored == 0 or checksum([bucket.encode(), bits.tobytes()]) != stored:
                 raise self._damaged(

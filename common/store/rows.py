@@ -5,7 +5,8 @@ sample and one per mask variant (`schema.sample_checksums`), so a reader can fet
 just the mask variants a training step uses (`variants`) and still verify every byte it read: the
 variants it read against their own checksums, the rest of the sample against the sample's, which
 covers the stored variant checksums. Schema-1 stores hold one checksum a sample and are always
-read whole.
+read whole. On an object store the arrays of a batch are fetched in parallel (and each array's
+shards, `fetch.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+from cogfun.common.store.fetch import in_parallel
 from cogfun.common.store.io import failed_slot, take_rows
 from cogfun.common.store.schema import (
     StoreError,
@@ -53,11 +55,12 @@ def _picked(variants: Sequence[Iterable[int]], n: int, k: int) -> np.ndarray:
 
 
 def _take_parts(files: ShardFiles, slots: np.ndarray, picked: np.ndarray) -> np.ndarray:
-    """Rows of a per-variant array with only the picked variants read (the others zeros)."""
+    """Rows of a per-variant array with only the picked variants read (the others zeros): one
+    `read_many` of every (row, variant) picked (on an object store, a request per shard)."""
     out = np.zeros((len(slots), *files.row_shape), dtype=files.dtype.newbyteorder("="))
-    for i, s in enumerate(slots.tolist()):
-        for j in np.flatnonzero(picked[i]).tolist():
-            out[i, j] = files.read_part(s, j)[0]
+    where, variant = np.nonzero(picked)
+    if len(where):
+        out[where, variant] = files.read_many(slots[where].tolist(), variant.tolist())[:, 0]
     return out
 
 
@@ -91,14 +94,21 @@ def read_rows(
         )
     )
     picked = _picked(variants, len(slots), k) if partial else np.ones((len(slots), k), bool)
-    try:
-        data = {
-            n: _take_parts(files[n], slots, picked)
+    reads = [
+        lambda n=n: (
+            _take_parts(files[n], slots, picked)
             if partial and n in VARIANT_ARRAYS
             else take_rows(arrays[n], files[n], slots)
-            for n in names
-        }
-        sums = take_rows(arrays["checksum"], files["checksum"], slots) if verify else None
+        )
+        for n in names
+    ]
+    if verify:
+        reads.append(lambda: take_rows(arrays["checksum"], files["checksum"], slots))
+    try:
+        # On an object store the arrays' requests go out together, not one array after another.
+        got = [read() for read in reads] if reader.path.local else in_parallel(reads)
+        data = dict(zip(names, got, strict=False))
+        sums = got[-1] if verify else None
     except StoreReadError as exc:
         raise exc.for_sample(f"{bucket}/{failed_slot(exc, slots)}") from exc.__cause__
     except Exception as exc:

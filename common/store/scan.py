@@ -33,11 +33,15 @@ _ARRAYS = ("latents", "masks", "masked_latents", "all_masked")
 
 def failures(reader: StoreReader) -> list[dict]:
     """Recorded input failures: {key, file, reason, row}, sorted by row then file."""
-    folder = reader.path / FAILURES_DIR
+    folder = reader.source / FAILURES_DIR
     out = []
-    for entry in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for name in sorted(n for n in folder.listdir() if n.endswith(".json")):
+        entry = folder / name
         try:
-            record = json.loads(entry.read_text(encoding="utf-8"))
+            text = entry.read_text()
+            if text is None:  # removed since the listing (a rerun clearing it): not a record
+                continue
+            record = json.loads(text)
             out.append({k: record.get(k) for k in ("key", "file", "reason", "row")})
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             out.append(
@@ -190,12 +194,12 @@ def summary(reader: StoreReader) -> dict:
                 "height": info.height,
                 "width": info.width,
                 "latent_shape": list(info.latent_shape),
-                "bytes": disk_bytes(reader.path / "buckets" / name),
+                "bytes": disk_bytes(reader.source / "buckets" / name),
             }
         )
     captions_written = int((reader.caption_flags() != 0).sum())
     raw += captions_written * layout.text_len * layout.text_dim * 2
-    total = disk_bytes(reader.path)
+    total = disk_bytes(reader.source)
     try:
         store_digest, digest_error = digest(reader), None
     except StoreError as exc:

@@ -85,6 +85,12 @@ class StoreReadError(StoreError):
         return StoreReadError(self.path, self.error, self.attempts, sample)
 
 
+def brief(exc: BaseException) -> str:
+    """An exception's first line: object-store clients append pages of debug detail."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _show(value: Any) -> str:
     return "(absent)" if value is None else json.dumps(value, sort_keys=True, default=str)
 

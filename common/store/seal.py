@@ -25,6 +25,8 @@ class Sealing:
         self._seal(self._files["\0captions"], shard)
 
     def _seal(self, files: dict[str, ShardFiles], shard: int) -> None:
+        if self.guard is not None:
+            self.guard()
         flags = files["checksum"]
         lo, hi = shard * flags.shard_rows, min((shard + 1) * flags.shard_rows, flags.rows)
         rows = range(lo, hi)
@@ -35,8 +37,14 @@ class Sealing:
             if name != "checksum":
                 f.seal(shard, staged, kept)
         flags.seal(shard, staged, kept)
-        for f in files.values():
-            f.unstage(rows)
+        # The staged done flags go first: a kill part way through leaves stray staged chunks
+        # with no staged flag, and such a row is read (and sealed again) from its new shard.
+        # The other order would leave a staged flag whose chunks are gone: read as zeros, and
+        # a rerun would seal those zeros over the good copy.
+        flags.unstage(rows)
+        for name, f in files.items():
+            if name != "checksum":
+                f.unstage(rows)
 
     def seal_owned(self, rank: int, world: int) -> int:
         """Seal every shard process `rank` of `world` owns that has staged samples (the end of a
@@ -44,19 +52,22 @@ class Sealing:
         sealed = 0
         for b in self.plan.buckets:
             self._group_arrays(b.name)
-            for shard in self._staged_shards(self._files[b.name]["checksum"]):
+            for shard in self._staged_shards(self._files[b.name]):
                 if self.owns(self._first_shard[b.name] + shard, rank, world):
                     self.seal(b.name, shard)
                     sealed += 1
         self._captions()
-        for shard in self._staged_shards(self._files["\0captions"]["checksum"]):
+        for shard in self._staged_shards(self._files["\0captions"]):
             if self.owns(self._first_shard["\0captions"] + shard, rank, world):
                 self.seal_captions(shard)
                 sealed += 1
         return sealed
 
     @staticmethod
-    def _staged_shards(flags: ShardFiles) -> list[int]:
-        """Shards with any staged file of any array: the checksum array's, and leftovers of a
-        write killed before its checksum (sealing drops them)."""
-        return sorted({int(r) // flags.shard_rows for r in flags.staged_rows()})
+    def _staged_shards(files: dict[str, ShardFiles]) -> list[int]:
+        """Shards with any staged file of any array: staged samples, and leftovers of a write
+        or an unstaging that was killed part way (sealing drops them)."""
+        shard_rows = files["checksum"].shard_rows
+        return sorted(
+            {int(r) // shard_rows for f in files.values() for r in f.staged_rows().tolist()}
+        )

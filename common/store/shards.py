@@ -14,21 +14,24 @@ data when two processes share a shard and cannot be done on object storage. So s
 folder (written before its staged checksum, the done flag, as ever). When every sample of a shard
 is staged or given up, the process that owns the shard *seals* it: it streams the staged chunks
 (and the still-valid chunks of the shard's previous version, on a rerun) into one new shard file
-per array, checksum array last, renamed into place, then deletes the staged files. A `kill -9`
-at any point leaves each sample either staged, sealed, or not done; a rerun seals again.
+per array, checksum array last, each written whole (a rename locally, one PUT on an object store),
+then deletes the staged files. A `kill -9` at any point leaves each sample either staged, sealed,
+or not done; a rerun seals again.
+
+On an object store (a folder `Location` that is not local) every file access is a request, so
+the requests of one call go out together (`fetch.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
-from cogfun.common.store import chunks
+from cogfun.common.store import chunks, fetch
 from cogfun.common.store.chunks import blosc_of, retry_reads
+from cogfun.common.store.location import Location, location
 from numcodecs import Blosc
 
 EMPTY = np.uint64(2**64 - 1)  # an empty inner chunk's offset and length in the shard index
@@ -42,14 +45,14 @@ class ShardFiles:
 
     def __init__(
         self,
-        folder: Path | str,
+        folder: Location,
         shape: tuple[int, ...],
         dtype: str,
         blosc: Blosc | None,
         shard_rows: int,
         parts: int,
     ):
-        self.folder = str(folder)
+        self.folder = folder
         self.rows = int(shape[0])
         self.row_shape = tuple(int(v) for v in shape[1:])
         self.shard_rows = int(shard_rows)
@@ -71,11 +74,11 @@ class ShardFiles:
 
     # ---- names ----
 
-    def path(self, shard: int) -> str:
-        return f"{self.folder}/c.{int(shard)}{self._suffix}"
+    def path(self, shard: int) -> Location:
+        return self.folder / f"c.{int(shard)}{self._suffix}"
 
-    def staged_path(self, row: int, part: int) -> str:
-        return f"{self.folder}/{STAGED_DIR}/{int(row)}.{int(part)}"
+    def staged_path(self, row: int, part: int) -> Location:
+        return self.folder / STAGED_DIR / f"{int(row)}.{int(part)}"
 
     def shard_of(self, row: int) -> int:
         return int(row) // self.shard_rows
@@ -89,13 +92,16 @@ class ShardFiles:
         if shard in self._indexes:
             return self._indexes[shard]
         path = self.path(shard)
-        where = path if row is None else f"{path}[{row}]"
+        where = str(path) if row is None else f"{path}[{row}]"
         tail = retry_reads(lambda: chunks.read_chunk_bytes(path, -self._index_bytes), where)
         table = None if tail is None else self._table(tail)
         if tail is not None and table is None:
             raise ValueError(f"{path}: the shard index is truncated or damaged (crc32c)")
-        if len(self._indexes) >= _INDEX_CACHE:
-            self._indexes.pop(next(iter(self._indexes)))
+        while len(self._indexes) >= _INDEX_CACHE:  # reader threads share it: pops may race
+            try:
+                self._indexes.pop(next(iter(self._indexes)), None)
+            except (StopIteration, RuntimeError):
+                break
         self._indexes[shard] = table
         return table
 
@@ -106,6 +112,14 @@ class ShardFiles:
         if len(tail) != self._index_bytes or google_crc32c.value(body).to_bytes(4, "little") != crc:
             return None
         return np.frombuffer(body, dtype="<u8").reshape(self._chunks, 2)
+
+    @staticmethod
+    def span(table: np.ndarray, index: int) -> tuple[int, int] | None:
+        """(offset, length) of inner chunk `index` in a shard's table; None when it is empty."""
+        offset, length = table[index]
+        if offset == EMPTY and length == EMPTY:
+            return None
+        return int(offset), int(length)
 
     def forget(self, shard: int | None = None) -> None:
         """Drop cached shard indexes (after a shard was sealed again)."""
@@ -158,6 +172,8 @@ class ShardFiles:
         inner chunk of each row: (B, *part_shape)."""
         rows = list(rows)
         native = self.dtype.newbyteorder("=")
+        if not self.folder.local:
+            return fetch.read_many(self, rows, None if parts is None else list(parts))
         if parts is None:
             out = np.empty((len(rows), *self.row_shape), dtype=native)
             for i, r in enumerate(rows):
@@ -174,14 +190,14 @@ class ShardFiles:
         decoded counts as 0 (I/O errors raise)."""
         out = np.zeros(self.shard_rows, dtype=self.dtype.newbyteorder("="))
         path = self.path(shard)
-        data = retry_reads(lambda: chunks.read_chunk_bytes(path), path)
+        data = retry_reads(lambda: chunks.read_chunk_bytes(path), str(path))
         table = None if data is None else self._table(data[-self._index_bytes :])
         if table is None:
             return out
         for local in np.flatnonzero(table[:, 0] != EMPTY).tolist():
             offset, length = (int(v) for v in table[local])
             try:
-                out[local] = self.decode(data[offset : offset + length], path).reshape(-1)[0]
+                out[local] = self.decode(data[offset : offset + length], str(path)).reshape(-1)[0]
             except (ValueError, RuntimeError):
                 out[local] = 0
         return out
@@ -190,7 +206,9 @@ class ShardFiles:
         """The first value of every row from the sealed shards (see `shard_values`), (N,)."""
         if not self.rows:
             return np.zeros(0, dtype=self.dtype.newbyteorder("="))
-        return np.concatenate([self.shard_values(s) for s in range(self.shards)])[: self.rows]
+        reads = [lambda s=s: self.shard_values(s) for s in range(self.shards)]
+        values = [read() for read in reads] if self.folder.local else fetch.in_parallel(reads)
+        return np.concatenate(values)[: self.rows]
 
     # ---- staging ----
 
@@ -211,7 +229,7 @@ class ShardFiles:
 
     def stage(self, row: int, value: np.ndarray | None) -> None:
         """Write one row's staged chunk files (None removes them)."""
-        os.makedirs(f"{self.folder}/{STAGED_DIR}", exist_ok=True)
+        (self.folder / STAGED_DIR).mkdir()
         pieces = [None] * self.parts if value is None else self.encode(value)
         for part, data in enumerate(pieces):
             chunks.put(self.staged_path(row, part), data)
@@ -223,10 +241,7 @@ class ShardFiles:
     def staged_rows(self) -> np.ndarray:
         """Rows with any staged chunk file, sorted (temporary files of interrupted writes are
         skipped)."""
-        try:
-            names = os.listdir(f"{self.folder}/{STAGED_DIR}")
-        except FileNotFoundError:
-            return np.zeros(0, dtype=np.int64)
+        names = (self.folder / STAGED_DIR).listdir()
         rows = set()
         for name in names:
             row, _, part = name.partition(".")
@@ -241,28 +256,38 @@ class ShardFiles:
         return pieces[0] if self.parts == 1 else np.concatenate(pieces)
 
     def unstage(self, rows: Iterable[int]) -> None:
-        for row in rows:
-            for part in range(self.parts):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.staged_path(row, part))
+        """Remove the staged files of `rows` (those there are: on an object store, one listing
+        and the deletes in parallel)."""
+        if self.folder.local:
+            for row in rows:
+                for part in range(self.parts):
+                    self.staged_path(row, part).delete()
+            return
+        present = set((self.folder / STAGED_DIR).listdir())
+        names = [f"{int(r)}.{p}" for r in rows for p in range(self.parts)]
+        staged = self.folder / STAGED_DIR
+        fetch.in_parallel([lambda n=n: (staged / n).delete() for n in names if n in present])
 
     # ---- sealing ----
 
     def seal(self, shard: int, staged: set[int], kept: set[int]) -> None:
         """Write shard `shard` anew: rows in `staged` from their staged files, rows in `kept` from
-        the shard's present file, every other row empty. Streamed through `put` (a temporary file
-        and a rename); a shard with nothing in it is removed."""
+        the shard's present file, every other row empty. Streamed through `put` (written whole: a
+        temporary file and a rename, or one PUT); a shard with nothing in it is removed."""
         lo = shard * self.shard_rows
-        sources: list[bytes | None] = []  # (row, part) in index order
-        for local in range(self.shard_rows):
-            row = lo + local
-            for part in range(self.parts):
-                if row in staged:
-                    sources.append(self.staged(row, part))
-                elif row in kept:
-                    sources.append(self.raw(row, part))
-                else:
-                    sources.append(None)
+        if self.folder.local:
+            sources: list[bytes | None] = []  # (row, part) in index order
+            for local in range(self.shard_rows):
+                row = lo + local
+                for part in range(self.parts):
+                    if row in staged:
+                        sources.append(self.staged(row, part))
+                    elif row in kept:
+                        sources.append(self.raw(row, part))
+                    else:
+                        sources.append(None)
+        else:
+            sources = fetch.seal_sources(self, shard, staged, kept)
         if all(s is None for s in sources):
             chunks.put(self.path(shard), None)
         else:
@@ -284,9 +309,9 @@ def _shard_pieces(sources: list[bytes | None]) -> Iterator[bytes]:
     yield body + google_crc32c.value(body).to_bytes(4, "little")
 
 
-def shard_files(meta: dict, folder: Path) -> ShardFiles | None:
-    """ShardFiles for a sharded array's parsed `zarr.json` in the layout the store writes, or
-    None (then zarr reads it)."""
+def shard_files(meta: dict, folder: str | Path | Location) -> ShardFiles | None:
+    """ShardFiles for a sharded array's parsed `zarr.json` (its folder `folder`) in the layout the
+    store writes, or None (then zarr reads it)."""
     try:
         shape = tuple(int(v) for v in meta["shape"])
         grid = tuple(int(v) for v in meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -322,4 +347,4 @@ def shard_files(meta: dict, folder: Path) -> ShardFiles | None:
     if parsed is False:
         return None
     parts = 1 if inner[1:] == shape[1:] else shape[1]
-    return ShardFiles(folder, shape, dtype, parsed, grid[0], parts)
+    return ShardFiles(location(folder), shape, dtype, parsed, grid[0], parts)

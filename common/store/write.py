@@ -3,16 +3,17 @@
 Private helper of `cogfun.common.store`. Crash safety comes from the order of writes. A sample's
 arrays are staged before its checksum (the done flag, `shards.ShardFiles.stage`); a shard is sealed
 (its staged samples streamed into one file per array, checksum array last) by the one process that
-owns it; `finalize` writes the per-bucket done index and sets `status: complete` last. Every file
-goes through a temporary name and a rename, so a `kill -9` leaves either the old or the new file,
-never a torn one, and each sample reads as staged, sealed or not done.
+owns it; `finalize` writes the per-bucket done index and sets `status: complete` last. Every file is
+written whole (a temporary name and a rename locally, one PUT on an object store), so a `kill -9`
+leaves either the old or the new file, never a torn one, and each sample reads as staged, sealed
+or not done.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from cogfun.common.store.io import (
     to_bits,
     to_flags,
 )
+from cogfun.common.store.location import Location, location
 from cogfun.common.store.schema import (
     FAILURES_DIR,
     BucketPlan,
@@ -54,12 +56,13 @@ from cogfun.common.store.sums import (
 )
 
 
-def clear_failures(path: Path) -> None:
+def clear_failures(path: str | Path | Location) -> None:
     """Drop every failure record: a run records afresh what it cannot store (a row gone from the
     dataset leaves no stale record; a sample that fails again is recorded again)."""
-    folder = Path(path) / FAILURES_DIR
-    for entry in folder.glob("*.json") if folder.is_dir() else []:
-        entry.unlink(missing_ok=True)
+    folder = location(path) / FAILURES_DIR
+    for name in folder.listdir():
+        if name.endswith(".json"):
+            (folder / name).delete()
 
 
 def now_iso() -> str:
@@ -70,11 +73,11 @@ class StoreWriter(Sealing):
     """Writes planned slots of an existing store. Several processes may stage disjoint slots; each
     shard is sealed by the one process that owns it (`owns`)."""
 
-    def __init__(self, path: Path, plan: StorePlan, layout: StoreLayout):
-        self.path = path
+    def __init__(self, path: str | Path | Location, plan: StorePlan, layout: StoreLayout):
+        self.path = location(path)
         self.plan = plan
         self.layout = layout
-        self.root = open_root(path, "r+")
+        self.root = open_root(self.path, "r+")
         self._plans = {b.name: b for b in plan.buckets}
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
         self._files: dict[str, dict[str, ShardFiles]] = {}  # per-sample arrays' shard files
@@ -84,6 +87,9 @@ class StoreWriter(Sealing):
         self._known_empty: dict[str, np.ndarray] = {}
         self._caption_done: np.ndarray | None = None
         self.update: dict | None = None  # set by open_for_write when it grew the store
+        # Called before each seal and before finalize: the writer lock's `check` (raises when
+        # this process no longer holds the store: a lease lost on an object store).
+        self.guard: Callable[[], None] | None = None
         self.shard_rows = int(self.root.attrs.get("shard_samples", 0))
         self.caption_shard_rows = int(self.root.attrs.get("caption_shard", 0))
         # Global shard numbers, buckets in plan order then the captions: shard g is owned by
@@ -129,7 +135,7 @@ class StoreWriter(Sealing):
             self._prov_hash[bucket] = np.asarray([text_checksum(p) for p in prov], dtype=np.uint64)
         return self._arrays[bucket]
 
-    def _shard_files(self, folder: Path, spec: ArraySpec) -> ShardFiles:
+    def _shard_files(self, folder: Location, spec: ArraySpec) -> ShardFiles:
         files = open_chunk_files(folder, spec)
         if not isinstance(files, ShardFiles):
             raise StoreError(
@@ -325,22 +331,21 @@ class StoreWriter(Sealing):
     def record_failure(self, key: str, file: str, reason: str, row: int | None) -> None:
         """Record a failed input once per key (one JSON file per key: safe across processes)."""
         entry = {"key": key, "file": str(file), "reason": str(reason), "row": row}
-        target = self._failure_path(key)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entry, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, target)
+        self._failure_path(key).write_text(json.dumps(entry, ensure_ascii=False, sort_keys=True))
 
     def clear_failure(self, key: str) -> None:
         """Forget a failure that a rerun has since stored (no error if it was never recorded)."""
-        self._failure_path(key).unlink(missing_ok=True)
+        self._failure_path(key).delete()
 
-    def _failure_path(self, key: str) -> Path:
+    def _failure_path(self, key: str) -> Location:
         folder = self.path / FAILURES_DIR
-        folder.mkdir(exist_ok=True)
+        folder.mkdir()
         return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
     def finalize(self) -> None:
         """Write each bucket's done index, check captions, then set `status: complete` (last)."""
+        if self.guard is not None:
+            self.guard()
         self.seal_owned(0, 1)  # every process is done: a shard left staged is sealed here
         counts, index_sums, needed = {}, {}, set()
         for b in self.plan.buckets:

@@ -1,0 +1,165 @@
+"""A real S3-compatible server on 127.0.0.1 for tests and benches: moto's server mode.
+
+    server = S3Server().start()
+    server.make_bucket("cogfun-test")
+    url = f"s3://cogfun-test/latents.zarr"
+    options = server.options()            # storage options: endpoint, fake credentials, http
+    env = server.env()                    # the same as AWS_* variables, for child processes
+    server.stop(); server.start()         # the same port and the same objects: a restart
+    server.close()
+
+The server runs in a thread of this process (werkzeug), keeps its objects in this process's memory
+and speaks real HTTP, so child processes (a `cogfun precompute` under test) reach it like any S3
+endpoint. `stop()` closes the port (requests then fail with connection errors) and `start()` opens
+it again with every object still there: a server restart as a client sees it. Nothing leaves
+127.0.0.1 and no credentials are real.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import uuid
+
+REGION = "us-east-1"
+ACCESS_KEY = "cogfun-test-key"
+SECRET_KEY = "cogfun-test-secret"
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1 (a free port, kept across restarts)."""
+
+    def __init__(self, port: int = 0):
+        self.port = port or _free_port()
+        self._server = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> S3Server:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request else
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        deadline = time.monotonic() + 10
+        while True:  # ready once the port accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Close the port; the objects stay (in this process) for the next `start()`."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def close(self) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def make_bucket(self, name: str | None = None) -> str:
+        """Create a bucket (a fresh random name by default) and return its name."""
+        import boto3
+
+        name = name or f"cogfun-{uuid.uuid4().hex[:12]}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
+        client.create_bucket(Bucket=name)
+        return name
+
+    def options(self, **extra) -> dict:
+        """Storage options that reach this server (`--storage-options` JSON)."""
+        return {
+            "endpoint": self.endpoint,
+            "region": REGION,
+            "access_key_id": ACCESS_KEY,
+            "secret_access_key": SECRET_KEY,
+            **extra,
+        }
+
+    def env(self) -> dict[str, str]:
+        """The same as environment variables (what a user on a real cluster sets)."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": REGION,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """The same server in a child process (`python -m cogfun.testing.s3 --port P`): for benches,
+    so that serving requests does not take this process's GIL from the loader it measures."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cogfun.testing.s3", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    raise RuntimeError("the S3 server process did not start") from None
+                time.sleep(0.05)
+        self._client = S3Server(self.port)  # names, options and buckets; it serves nothing here
+
+    def make_bucket(self, name: str | None = None) -> str:
+        return self._client.make_bucket(name)
+
+    def options(self, **extra) -> dict:
+        return self._client.options(**extra)
+
+    def env(self) -> dict[str, str]:
+        return self._client.env()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def main() -> None:
+    import argparse
+    import threading
+
+    p = argparse.ArgumentParser(description="moto's S3 server on 127.0.0.1 until killed")
+    p.add_argument("--port", type=int, required=True)
+    S3Server(p.parse_args().port).start()
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
