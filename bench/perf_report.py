@@ -85,6 +85,7 @@ FIGURES = [
     Figure("s3_data_wait_fraction", "< 0.02 (as from disk)", lambda v, _: v < 0.02),
     Figure("s3_vs_disk_loader", "report (loader samples/s, local S3 server ÷ disk)"),
     Figure("s3_cached_loader_samples_per_s", "report (with --cache-dir, after one epoch)"),
+    Figure("s3_cached_data_wait_fraction", "< 0.02 (with --cache-dir)", lambda v, _: v < 0.02),
     Figure("precompute_s_*", "linear in samples"),
     Figure("precompute_linear_r2", "≥ 0.98", lambda v, _: v >= 0.98),
 ]

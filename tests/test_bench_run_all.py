@@ -148,6 +148,7 @@ def test_quick_run_prints_every_figure_and_writes_the_report(tmp_path):
     _check_train(_lines((logs / "train.out").read_text()))
     _check_incremental(_lines((logs / "incremental.out").read_text()))
     _check_store_layout(_lines((logs / "store_layout.out").read_text()))
+    _check_object_store(_lines((logs / "object_store.out").read_text()))
 
 
 TRAIN_FIGURES = [
@@ -208,3 +209,17 @@ def _check_store_layout(fig: dict[str, str]) -> None:
     assert float(fig["files_per_sample"].split()[0]) == pytest.approx(2 * 5 / 32)
     assert float(fig["files_per_sample_schema1"]) > 5
     assert float(fig["file_reduction"]) > 3 and 0 < float(fig["open_s"]) < 5
+
+
+def _check_object_store(fig: dict[str, str]) -> None:
+    """bench.object_store --quick: the loader from the local S3 server and from disk, and training
+    from both (and from S3 through a cache folder): every figure measured, rates positive, wait
+    fractions between 0 and 1, the ratio the ratio of the rates printed."""
+    value = {
+        k: float(v.split()[0]) for k, v in fig.items() if k.endswith(("_s", "_ms", "on", "er"))
+    }
+    rates = ("disk_loader_samples_per_s", "s3_loader_samples_per_s")
+    assert all(value[k] > 0 for k in (*rates, "s3_cached_loader_samples_per_s"))
+    assert value["s3_vs_disk_loader"] == pytest.approx(value[rates[1]] / value[rates[0]], abs=2e-3)
+    for name in ("disk", "s3", "s3_cached"):
+        assert 0 <= value[f"{name}_data_wait_fraction"] < 1 and value[f"{name}_step_ms"] > 0

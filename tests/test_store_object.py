@@ -151,21 +151,31 @@ def test_a_batch_is_one_ranges_request_per_shard(written, monkeypatch):
     for name in ("latents", "masks", "masked_latents"):
         assert np.array_equal(bits(got[name]), bits(want[name]))
     # One request per array and shard, for every chunk the batch needs from it (none for a
-    # shard whose chunks are all empty: all_masked of rows 1, 2 and 4, variant 0 of row 0's
-    # masked_latents, all-masked, stored as zeros).
-    per_shard = {
-        "latents": (2, 1, 1),
-        "checksum": (2, 1, 1),
-        "masks": (4, 2, 2),
-        "masked_latents": (3, 2, 2),
-        "all_masked": (1, 0, 0),
-    }
+    # shard whose chunks are all empty: variant 0 of row 0's masked_latents, all-masked, stored
+    # as zeros). The arrays of tiny rows (checksum, all_masked) are read whole instead, once a
+    # shard, and kept: the next batch from those shards asks for nothing of them.
+    per_shard = {"latents": (2, 1, 1), "masks": (4, 2, 2), "masked_latents": (3, 2, 2)}
     assert sorted((a, f.split(".")[1], n) for a, f, n in ranges) == sorted(
         (a, str(s), n) for a, counts in per_shard.items() for s, n in enumerate(counts) if n
     )
-    # Besides them, only each shard's index (its tail) is read alone.
+    # Besides them, each shard's index (its tail) is read alone, and the small arrays' shards
+    # whole (from byte 0): checksum's 3, all_masked's one with a stored chunk (row 0's).
     sample_reads = [s for s in singles if s.split("/")[0] in SAMPLE_ARRAYS]
-    assert len(sample_reads) == len(SAMPLE_ARRAYS) * 3 and all("@-" in s for s in sample_reads)
+    tails = [s for s in sample_reads if "@-" in s]
+    wholes = sorted(s for s in sample_reads if s.endswith("@0"))
+    assert len(tails) == len(SAMPLE_ARRAYS) * 3 and len(sample_reads) == len(tails) + 4
+    assert wholes == [
+        "all_masked/c.0.0@0",
+        "checksum/c.0.0@0",
+        "checksum/c.1.0@0",
+        "checksum/c.2.0@0",
+    ]
+    ranges.clear(), singles.clear()
+    reader = open_store(written.store)
+    reader.read_batch(VIDEO, [4, 0, 1, 2])
+    singles.clear()
+    reader.read_batch(VIDEO, [3])
+    assert not [s for s in singles if s.split("/")[0] in ("checksum", "all_masked")]
 
 
 def test_verify_names_a_sample_whose_shard_object_was_altered(written):

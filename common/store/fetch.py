@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 THREADS = 8  # requests in flight at once for one call (shards read, staged chunks fetched)
+# The shards of the arrays of a few bytes a row (the done flags / checksums, the all-masked flags:
+# a few KB for 512 samples) are fetched whole once and kept, so a batch costs one request fewer
+# per such array.
+SMALL_ARRAYS = ("checksum", "all_masked")
+SMALL_SHARD = 256 << 10
+SMALL_SHARDS_KEPT = 256  # per array: at most 64 MiB
 
 
 def in_parallel(calls: list[Callable[[], T]]) -> list[T]:
@@ -76,7 +82,10 @@ def _shard_chunks(
     ranges = sorted({s for s in spans if s is not None})
     path = files.path(shard)
     data: dict[tuple[int, int], bytes] = {}
-    if ranges:
+    body = small_body(files, shard, table, items[0][1]) if ranges else None
+    if body is not None:
+        data = {(o, n): body[o : o + n] for o, n in ranges}
+    elif ranges:
         first = next(r for (_, r, _), s in zip(items, spans, strict=True) if s is not None)
         got = retry_reads(lambda: chunks.read_chunk_ranges(path, ranges), f"{path}[{first}]")
         data = dict(zip(ranges, got or [], strict=False))  # None: the shard went meanwhile
@@ -87,6 +96,31 @@ def _shard_chunks(
             raise ValueError(f"{path}: chunk {r - lo}.{p} lies past the end of the shard")
         found.append((i, p, files.decode(raw, f"{path}[{r}.{p}]")))
     return found
+
+
+def small_body(files: ShardFiles, shard: int, table: np.ndarray, row: int) -> bytes | None:
+    """The chunk bytes (everything before the index) of a shard of one of the SMALL_ARRAYS,
+    fetched whole once and then kept with its index; None for other arrays, or a shard larger
+    than SMALL_SHARD."""
+    if shard in files._bodies:
+        return files._bodies[shard]
+    if files.folder.name not in SMALL_ARRAYS:
+        return None
+    used = table[table[:, 0] != np.uint64(2**64 - 1)]
+    end = int((used[:, 0] + used[:, 1]).max()) if len(used) else 0
+    if not 0 < end <= SMALL_SHARD:
+        return None
+    path = files.path(shard)
+    body = retry_reads(lambda: chunks.read_chunk_bytes(path, 0, end), f"{path}[{row}]")
+    if body is None or len(body) != end:
+        return None  # gone or shorter: the ranged reads say which
+    while len(files._bodies) >= SMALL_SHARDS_KEPT:  # reader threads share it: pops may race
+        try:
+            files._bodies.pop(next(iter(files._bodies)), None)
+        except (StopIteration, RuntimeError):
+            break
+    files._bodies[shard] = body
+    return body
 
 
 def seal_sources(

@@ -65,6 +65,8 @@ class ShardFiles:
         self._chunks = self.shard_rows * self.parts  # inner chunks per shard
         self._index_bytes = 16 * self._chunks + 4  # the index and its crc32c
         self._indexes: dict[int, np.ndarray | None] = {}
+        # Small shards' chunk bytes, whole, on object stores (`fetch.small_body`).
+        self._bodies: dict[int, bytes] = {}
         self.shards = -(-self.rows // self.shard_rows)
         self._staged_view: frozenset[int] = frozenset()
 
@@ -125,8 +127,10 @@ class ShardFiles:
         """Drop cached shard indexes (after a shard was sealed again)."""
         if shard is None:
             self._indexes.clear()
+            self._bodies.clear()
         else:
             self._indexes.pop(int(shard), None)
+            self._bodies.pop(int(shard), None)
 
     def raw(self, row: int, part: int) -> bytes | None:
         """The encoded bytes of one inner chunk as the shard holds them; None when empty."""
