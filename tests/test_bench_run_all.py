@@ -215,9 +215,10 @@ def _check_object_store(fig: dict[str, str]) -> None:
     """bench.object_store --quick: the loader from the local S3 server and from disk, and training
     from both (and from S3 through a cache folder): every figure measured, rates positive, wait
     fractions between 0 and 1, the ratio the ratio of the rates printed."""
-    value = {
-        k: float(v.split()[0]) for k, v in fig.items() if k.endswith(("_s", "_ms", "on", "er"))
-    }
+    kinds = ("disk", "s3", "s3_cached")
+    names = [f"{k}_{f}" for k in kinds for f in ("loader_samples_per_s", "data_wait_fraction")]
+    names += [f"{k}_step_ms" for k in kinds] + ["s3_vs_disk_loader"]
+    value = {k: float(fig[k].split()[0]) for k in names}
     rates = ("disk_loader_samples_per_s", "s3_loader_samples_per_s")
     assert all(value[k] > 0 for k in (*rates, "s3_cached_loader_samples_per_s"))
     assert value["s3_vs_disk_loader"] == pytest.approx(value[rates[1]] / value[rates[0]], abs=2e-3)
