@@ -32,7 +32,10 @@ from cogfun.common.store import Location, location
 from torch import Tensor
 
 STORE_FILE = "validation_prompts.safetensors"
-NEGATIVE_PROMPT = "bad detailed"  # the original trainer's validation negative prompt
+NEGATIVE_PROMPT = "bad detailed"
+HEADER_LIMIT = (
+    100 << 20
+)  # safetensors' own bound on a header's size  # the original trainer's validation negative prompt
 FROM_STORE = "store"  # `cogfun train --validation-prompts store`
 
 log = logging.getLogger("cogfun.precompute")
@@ -64,6 +67,8 @@ def _metadata(path: Location) -> dict[str, str] | None:
         return None
     try:
         (size,) = struct.unpack("<Q", head)
+        if size > HEADER_LIMIT:  # a damaged length: never a read of that many bytes
+            return {}
         header = json.loads(path.read(8, size) or b"")
         meta = header.get("__metadata__") or {}
         return {str(k): str(v) for k, v in meta.items()}

@@ -196,3 +196,87 @@ def test_the_read_cache_hits_serves_offline_and_prunes(s3_server, s3_bucket, tmp
     assert cached.read(0, 300) == DATA[:300] and fs.hits == hits + 1  # the oldest went
     local = location(tmp_path / "local")
     assert local.cached(tmp_path / "cache", "ns") is local
+
+
+def _s3(s3_server, s3_bucket, name: str = "root"):
+    return location(f"s3://{s3_bucket}/{name}", s3_server.options(retries=3, retry_backoff_s=0.05))
+
+
+def test_suffix_reads_without_suffix_ranges_give_the_same_bytes(s3_server, s3_bucket):
+    """Azure takes no suffix range: there a suffix read asks the size, then a bounded range."""
+    f = _s3(s3_server, s3_bucket) / "data.bin"
+    f.write(DATA)
+    f.fs.suffix_ranges = False
+    try:
+        assert f.read(-7) == DATA[-7:] and f.read(-7, 3) == DATA[-7:-4]
+        assert f.read(-5000) == DATA and (f.parent / "none").read(-4) is None
+    finally:
+        f.fs.suffix_ranges = True
+
+
+def test_a_request_the_client_refuses_is_not_retried(s3_server, s3_bucket, monkeypatch):
+    import obstore
+    import obstore.exceptions as oe
+
+    f = _s3(s3_server, s3_bucket) / "data.bin"
+    calls = []
+
+    def refused(*args, **kwargs):
+        calls.append(1)
+        raise oe.NotSupportedError("not supported by this store")
+
+    monkeypatch.setattr(obstore, "get", refused)
+    with pytest.raises(StoreError, match=f"GET {f}: this object store does not support it"):
+        f.read()
+    assert calls == [1]
+
+
+def test_a_tree_is_deleted_root_metadata_first_and_a_creation_marker_last(
+    s3_server, s3_bucket, monkeypatch
+):
+    import obstore
+
+    root = _s3(s3_server, s3_bucket)
+    for key in ("zarr.json", ".creating", "buckets/b/zarr.json", "captions/zarr.json"):
+        (root / key).write(b"x")
+    order: list[str] = []
+    real = obstore.delete
+
+    def record(store, paths):
+        order.extend([paths] if isinstance(paths, str) else paths)
+        return real(store, paths)
+
+    monkeypatch.setattr(obstore, "delete", record)
+    root.delete_tree()
+    assert order[0] == "root/zarr.json" and order[-2:] == ["root/.creating", "root"]
+    assert list(root.walk()) == []
+
+
+def test_a_forked_child_connects_anew(s3_server, s3_bucket, monkeypatch):
+    f = _s3(s3_server, s3_bucket) / "data.bin"
+    f.write(DATA)
+    parent = f.fs._store
+    monkeypatch.setattr(os, "getpid", lambda: -12345)  # as in a forked DataLoader worker
+    assert f.fs._store is not parent and f.read() == DATA
+
+
+def test_the_cache_limit_covers_every_version_and_a_torn_entry_is_a_miss(
+    s3_server, s3_bucket, tmp_path
+):
+    f = _s3(s3_server, s3_bucket) / "data.bin"
+    f.write(DATA)
+    old = f.cached(tmp_path / "cache", "old-version")
+    for i in range(8):
+        old.read(i * 100, 100)  # 800 bytes of an older store version's entries
+    time.sleep(0.02)
+    new = f.cached(tmp_path / "cache", "new-version", max_bytes=1000)  # measured at open: fine
+    new.read(0, 300)  # 1100 bytes in all: pruned to 800, the oldest entries first
+    sizes = {
+        d.name: sum(e.stat().st_size for e in os.scandir(d)) for d in (tmp_path / "cache").iterdir()
+    }
+    assert sum(sizes.values()) <= 800 and sizes["new-version"] == 300
+    entry = next((tmp_path / "cache" / "new-version").iterdir())
+    entry.write_bytes(b"")  # a crash left an empty entry behind its rename
+    hits = new.fs.hits
+    assert new.read(0, 300) == DATA[:300] and new.fs.hits == hits  # fetched again
+    assert entry.stat().st_size == 300

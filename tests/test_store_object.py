@@ -243,3 +243,22 @@ def test_the_cache_folder_serves_reads_and_a_new_version_gets_its_own(
     # A copy (what a loader worker gets) reopens the store through the same cache namespace.
     clone = copy.copy(again)
     assert clone.path.fs.folder == again.path.fs.folder and str(clone.path) == str(store)
+
+
+def test_a_creation_marker_whose_put_response_was_lost_is_known_as_ours(
+    s3_server, s3_bucket, written, monkeypatch
+):
+    """The conditional PUT of the `.creating` marker landed but its answer was lost, and the
+    retry found the object there: the creator reads it back, finds its own, and goes on."""
+    store = remote(s3_server, s3_bucket, "lost.zarr")
+    real = Location.create
+
+    def lost_answer(self, data):
+        real(self, data)
+        return False
+
+    monkeypatch.setattr(Location, "create", lost_answer)
+    write_store(store, written.plan, shard_samples=2)
+    monkeypatch.setattr(Location, "create", real)
+    assert open_store(store).digest() == open_store(written.local).digest()
+    assert not (store / ".creating").is_file()

@@ -173,8 +173,8 @@ def test_every_rank_takes_part_under_accelerate_launch(
 ):
     """Prompt i on rank i % 2 (ZeRO-2, as under DDP), every prompt on both ranks in lockstep (ZeRO-3,
     whose forwards gather the parameters collectively); no hang, no T5 on either rank. Interrupted
-    at step 2 and resumed to 3, the run's losses, grad norms and final weights equal those of an
-    uninterrupted 3-step run without validation."""
+    at step 2 and resumed to 3; under ZeRO-3 the run's losses, grad norms and final weights then
+    equal those of an uninterrupted 3-step run without validation."""
     head, extra = _launcher(kind)
 
     def launch(out: Path, steps: int, log: Path, validation: bool) -> str:
@@ -208,6 +208,8 @@ def test_every_rank_takes_part_under_accelerate_launch(
     assert metrics(out)[2]["validation_videos"] == 3
     assert_no_t5(tmp_path / "t5-resumed")
 
+    if kind == "deepspeed":
+        return  # ZeRO-2's exact resume: tests/test_train_launch.py[deepspeed-2]
     plain = tmp_path / "plain"
     launch(plain, 3, tmp_path / "t5-plain", validation=False)
     assert "validation_s" not in metrics(plain)[0]

@@ -9,8 +9,12 @@ changes a store finalizes it anew, so a cache never serves bytes of an older ver
 to the object store itself.
 
 Each entry is written through a temporary name and a rename, so processes and threads sharing the
-folder never read half an entry. When the folder's entries pass `max_bytes`, the least recently
-used ones (by modification time; a hit touches its entry) are removed down to 80% of it.
+folder never read half an entry; an entry of the wrong size (a crash before the rename reached the
+disk) is a miss. `max_bytes` bounds the whole folder, every store version's and every process's
+entries: each process measures the folder when it opens a store and again after every tenth of
+`max_bytes` it added, and then removes the least recently used entries (by modification time; a
+hit touches its entry) down to 80% of it (N processes may overshoot by N tenths in between). A
+read that fails its checksum through the cache stays failed until the folder is deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import uuid
 from typing import Any
 
 PRUNE_TO = 0.8
@@ -33,13 +38,16 @@ class CachedFS:
         self.inner = inner
         self.root = inner.root
         self.options = inner.options
-        self.folder = os.path.join(os.path.abspath(folder), namespace)
-        os.makedirs(self.folder, exist_ok=True)
+        self.base = os.path.abspath(folder)
+        self.folder = os.path.join(self.base, namespace)
+        os.makedirs(self.folder, exist_ok=True)  # an OSError here: the caller reads uncached
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._bytes = sum(e.stat().st_size for e in os.scandir(self.folder) if e.is_file())
+        self._since_scan = 0  # bytes this process added since it last measured the folder
         self.hits = 0
         self.misses = 0
+        if max_bytes is not None:
+            self._prune()  # other processes and older store versions may have filled it
 
     def __getattr__(self, name: str) -> Any:  # every other operation: the object store itself
         return getattr(self.inner, name)
@@ -48,11 +56,15 @@ class CachedFS:
         digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
         return os.path.join(self.folder, f"{digest}.{tag}")
 
-    def _get(self, path: str) -> bytes | None:
+    def _get(self, path: str, expected: int | None) -> bytes | None:
+        """An entry's bytes; None (a miss) when there is none or it has not the expected size
+        (a crash can leave an empty file behind a rename that was not yet on disk)."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
+            return None
+        if not data or (expected is not None and len(data) != expected):
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: pruned last
@@ -61,7 +73,7 @@ class CachedFS:
 
     def _put(self, path: str, data: bytes) -> None:
         self.misses += 1
-        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"  # unique across hosts sharing the folder
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -71,20 +83,26 @@ class CachedFS:
                 os.unlink(tmp)
             return
         with self._lock:
-            self._bytes += len(data)
-            over = self.max_bytes is not None and self._bytes > self.max_bytes
-        if over:
+            self._since_scan += len(data)
+            due = self.max_bytes is not None and self._since_scan >= max(1, self.max_bytes // 10)
+        if due:
             self._prune()
 
     def _prune(self) -> None:
+        """Measure the whole cache folder (every store version's entries, every process's) and
+        remove the least recently used entries down to PRUNE_TO of `max_bytes` when over it."""
         with self._lock:
+            self._since_scan = 0
             entries = []
-            for e in os.scandir(self.folder):
-                with contextlib.suppress(OSError):
-                    st = e.stat()
-                    entries.append((st.st_mtime_ns, st.st_size, e.path))
-            entries.sort()
+            for space in _scan(self.base):
+                for e in _scan(space.path):
+                    with contextlib.suppress(OSError):
+                        st = e.stat()
+                        entries.append((st.st_mtime_ns, st.st_size, e.path))
             total = sum(size for _, size, _ in entries)
+            if total <= self.max_bytes:
+                return
+            entries.sort()
             target = int(self.max_bytes * PRUNE_TO)
             for _, size, path in entries:
                 if total <= target:
@@ -92,11 +110,10 @@ class CachedFS:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
                     total -= size
-            self._bytes = total
 
     def read(self, key: str, start: int, length: int | None) -> bytes | None:
         path = self._entry(key, f"{start}-{length}")
-        data = self._get(path)
+        data = self._get(path, length if length is not None else (-start if start < 0 else None))
         if data is None:
             data = self.inner.read(key, start, length)
             if data is not None:
@@ -105,7 +122,7 @@ class CachedFS:
 
     def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
         paths = [self._entry(key, f"{s}-{n}") for s, n in ranges]
-        found = [self._get(p) for p in paths]
+        found = [self._get(p, n) for p, (_, n) in zip(paths, ranges, strict=True)]
         missing = [i for i, d in enumerate(found) if d is None]
         if missing:
             fetched = self.inner.read_ranges(key, [ranges[i] for i in missing])
@@ -115,3 +132,11 @@ class CachedFS:
                 found[i] = data
                 self._put(paths[i], data)
         return found  # type: ignore[return-value]
+
+
+def _scan(folder: str) -> list[os.DirEntry]:
+    """The entries of a folder (none when it went or cannot be read: pruning is best effort)."""
+    try:
+        return [e for e in os.scandir(folder) if not e.name.endswith(".partial")]
+    except OSError:
+        return []

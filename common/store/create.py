@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,8 @@ def _create(
     marker = path / CREATING
     if marker.is_file():  # left by a creator killed mid-way; only one process ever creates
         path.delete_tree()
-    if not marker.create(f"pid {os.getpid()} on {socket.gethostname()}".encode()):
+    mine = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex})".encode()
+    if not marker.create(mine) and marker.read() != mine:  # ours: a retried PUT that had landed
         raise StoreError(f"{path} is being created by another process right now")
     built: dict = {}  # key -> zarr Buffer: the objects zarr would write, made in memory
     root = zarr.open_group(MemoryStore(built), mode="w", attributes=root_attrs)

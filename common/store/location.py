@@ -138,7 +138,11 @@ class Location:
             return self
         from cogfun.common.store.cache import CachedFS
 
-        return Location(CachedFS(self.fs, str(folder), namespace, max_bytes), self.key)
+        try:
+            return Location(CachedFS(self.fs, str(folder), namespace, max_bytes), self.key)
+        except OSError as exc:  # the cache folder cannot be made: read without it
+            log.warning("cache folder %s unusable (%s): reading %s uncached", folder, exc, self)
+            return self
 
     @property
     def path(self) -> Path:

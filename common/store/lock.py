@@ -343,7 +343,8 @@ class _Lease:
             return  # a forked child's copy, or no longer ours
         try:
             found = self.path.read_versioned()
-            if found is not None and (_parse(found[0]) or {}).get("token") == self.token:
+            ours = found is not None and (_parse(found[0]) or {}).get("token") == self.token
+            if ours and time.time() < self._expires:  # expired: another writer may take it now
                 self.path.delete()
         except OSError as exc:
             log.warning(

@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 DEFAULT_RETRIES = 6  # attempts in all: pauses 0.5 + 1 + 2 + 4 + 8 s = 15.5 s before giving up
 DEFAULT_BACKOFF_S = 0.5
+AZURE_SCHEMES = ("az", "abfs", "abfss", "azure", "adl")  # no suffix ranges there
 STREAM_BUFFER = 64 << 20  # a streamed file up to this size is one PUT, retried whole
 PART_SIZE = 16 << 20  # multipart upload part size beyond that
 _FSSPEC_ALIASES = {
@@ -75,8 +76,18 @@ class ObjectFS:
         self.backoff_s = float(options.get("retry_backoff_s", DEFAULT_BACKOFF_S))
         if self.retries < 1 or self.backoff_s < 0:
             raise StoreError("storage options: retries must be >= 1 and retry_backoff_s >= 0")
-        self._store = self._connect("")
+        self._pid = os.getpid()
+        self._client = self._connect("")
         self._prefixed: dict[str, Any] = {}
+        self.suffix_ranges = root.split("://", 1)[0] not in AZURE_SCHEMES
+
+    @property
+    def _store(self) -> Any:
+        """This process's client: a forked child (a DataLoader worker) connects anew, since the
+        parent's connection pool and runtime threads do not survive a fork."""
+        if os.getpid() != self._pid:
+            self._pid, self._client, self._prefixed = os.getpid(), self._connect(""), {}
+        return self._client
 
     def _connect(self, key: str, own_retries: bool = False) -> Any:
         """An obstore store for `root/key`. cogfun's own requests go through `_call`, which
@@ -117,6 +128,7 @@ class ObjectFS:
             raise StoreError(f"{url}: cannot configure the object store client: {exc}") from exc
 
     def prefixed(self, key: str) -> Any:
+        self._store  # noqa: B018 (reconnects after a fork, dropping the prefixed clients too)
         if key not in self._prefixed:
             self._prefixed[key] = self._connect(key, own_retries=True)
         return self._prefixed[key]
@@ -146,6 +158,11 @@ class ObjectFS:
                 ) from exc
             except (oe.InvalidPathError, oe.UnknownConfigurationKeyError) as exc:
                 raise StoreError(f"{what} {url}: {_first_line(exc)}") from exc
+            except (oe.NotSupportedError, NotImplementedError, TypeError, ValueError) as exc:
+                # The client refused the request itself: trying again cannot help.
+                raise StoreError(
+                    f"{what} {url}: this object store does not support it ({_first_line(exc)})"
+                ) from exc
             except Exception as exc:  # transient (connection, 5xx, timeout) or a real failure
                 status = _status(exc)
                 if status == 416:  # a range past the end: the caller's answer, not a failure
@@ -173,6 +190,12 @@ class ObjectFS:
     def read(self, key: str, start: int, length: int | None) -> bytes | None:
         import obstore
 
+        if start < 0 and not self.suffix_ranges:  # Azure: no suffix ranges; the size first
+            size = self.size(key)
+            if size is None:
+                return None
+            start = max(0, size + start)
+            length = size - start if length is None else min(length, size - start)
         if start < 0:
             options: dict | None = {"range": {"suffix": -start}}
         elif length is not None:
@@ -216,7 +239,8 @@ class ObjectFS:
 
         def get() -> tuple[bytes, str]:
             result = obstore.get(self._store, key)
-            return bytes(result.bytes()), str(result.meta["e_tag"])
+            meta = result.meta  # GCS updates conditionally on the generation, S3 on the ETag
+            return bytes(result.bytes()), json.dumps([meta["e_tag"], meta.get("version")])
 
         try:
             return self._call("GET", key, get)
@@ -308,13 +332,13 @@ class ObjectFS:
         import obstore
         import obstore.exceptions as oe
 
+        e_tag, generation = json.loads(version)
+        mode = {k: v for k, v in (("e_tag", e_tag), ("version", generation)) if v is not None}
         try:
-            result = self._call(
-                "PUT", key, lambda: obstore.put(self._store, key, data, mode={"e_tag": version})
-            )
+            result = self._call("PUT", key, lambda: obstore.put(self._store, key, data, mode=mode))
         except (oe.PreconditionError, oe.AlreadyExistsError, FileNotFoundError):
             return None
-        return str(result["e_tag"])
+        return json.dumps([result.get("e_tag"), result.get("version")])
 
     def delete(self, key: str) -> None:
         import obstore
@@ -325,7 +349,9 @@ class ObjectFS:
     def delete_tree(self, key: str) -> None:
         import obstore
 
-        paths = [f"{key}/{rel}" if key else rel for rel, _ in self.walk(key)]
+        # Reverse key order: the root `zarr.json` goes first (the prefix stops being a store at
+        # once) and a `.creating` marker last (a cleanup cut short is still known for one).
+        paths = sorted((f"{key}/{rel}" if key else rel for rel, _ in self.walk(key)), reverse=True)
         for i in range(0, len(paths), 1000):
             part = paths[i : i + 1000]
             self._call("DELETE", key, lambda part=part: obstore.delete(self._store, part))

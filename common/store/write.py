@@ -366,6 +366,8 @@ class StoreWriter(Sealing):
             raise StoreError(
                 f"{self.path}: cannot finalize, caption embeddings never written: {shown}"
             )
+        if self.guard is not None:
+            self.guard()  # again, right before the write that makes the store complete
         self.root.attrs.update(
             {
                 "counts": counts,
