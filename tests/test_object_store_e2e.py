@@ -150,9 +150,10 @@ def _metrics_steps(out: Path) -> int:
 def test_server_restart_mid_training_retries_then_same_losses(
     built, tiny_model_dir, s3_server, tmp_path
 ):
-    # 12 steps: more than the loader holds ahead when the server stops (after step 2), so later
-    # batches must be read while it is down.
-    steps = dict(max_train_steps=12, checkpointing_steps=6)
+    # 200 steps of ~10 ms: the run is still reading (2 batches ahead) when the server has
+    # stopped, which happens after step 2 plus the server's shutdown (up to 0.5 s), so batches
+    # must be read while it is down.
+    steps = dict(max_train_steps=200, checkpointing_steps=100)
     ref = _train(built, tiny_model_dir, built["ref"], tmp_path / "ref", **steps)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()[-3000:]
     out = tmp_path / "s3"
