@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 import uuid
 
@@ -28,22 +29,36 @@ SECRET_KEY = "cogfun-test-secret"
 
 
 class S3Server:
-    """moto's S3 server on 127.0.0.1 (a free port, kept across restarts)."""
+    """moto's S3 server on 127.0.0.1 (a free port, kept across restarts).
 
-    def __init__(self, port: int = 0):
+    Without `keep_alive` (the tests' server) every response closes its connection, so `stop()` is
+    an outage for every client at once: with keep-alive, connections a client already holds
+    would go on being served by their handler threads after the port closed."""
+
+    def __init__(self, port: int = 0, keep_alive: bool = False):
         self.port = port or _free_port()
+        self.keep_alive = keep_alive
         self._server = None
+        self._thread: threading.Thread | None = None
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> S3Server:
-        from moto.server import ThreadedMotoServer
+        from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request else
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+        handler = MotoRequestHandler
+        if not self.keep_alive:  # a class attribute of its own: werkzeug leaves it as it is
+            handler = type(
+                "OneRequestHandler", (MotoRequestHandler,), {"protocol_version": "HTTP/1.0"}
+            )
+        app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server("127.0.0.1", self.port, app, True, request_handler=handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
         deadline = time.monotonic() + 10
         while True:  # ready once the port accepts connections
             try:
@@ -57,7 +72,9 @@ class S3Server:
     def stop(self) -> None:
         """Close the port; the objects stay (in this process) for the next `start()`."""
         if self._server is not None:
-            self._server.stop()
+            self._server.shutdown()
+            self._server.server_close()  # new connections are refused from here on
+            self._thread.join()
             self._server = None
 
     def close(self) -> None:
@@ -153,11 +170,10 @@ class ServerProcess:
 
 def main() -> None:
     import argparse
-    import threading
 
     p = argparse.ArgumentParser(description="moto's S3 server on 127.0.0.1 until killed")
     p.add_argument("--port", type=int, required=True)
-    S3Server(p.parse_args().port).start()
+    S3Server(p.parse_args().port, keep_alive=True).start()
     threading.Event().wait()
 
 

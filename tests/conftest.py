@@ -62,3 +62,30 @@ def s3_bucket(s3_server) -> str:
     if not s3_server.running:
         s3_server.start()
     return s3_server.make_bucket()
+
+
+@pytest.fixture()
+def app_and_seen():
+    """Both stage commands, recording what they were called with instead of running."""
+    import typer
+    from cogfun.app.stage_command import add_stage_command
+    from cogfun.app.stage_flags import TRAIN_STORE_SKIP, foreign_flags
+    from cogfun.precompute.config import PrecomputeConfig
+    from cogfun.train.config import TrainConfig
+
+    seen: list = []
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """test root"""
+
+    add_stage_command(
+        app, "train", TrainConfig, lambda cfg, store: seen.append((cfg, store)), help="train",
+        foreign=foreign_flags("train"), extra_cls=PrecomputeConfig, extra_skip=TRAIN_STORE_SKIP,
+    )  # fmt: skip
+    add_stage_command(
+        app, "precompute", PrecomputeConfig, seen.append, help="pre",
+        foreign=foreign_flags("precompute"),
+    )  # fmt: skip
+    return app, seen

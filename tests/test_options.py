@@ -5,43 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pytest
 import typer
 from cogfun.app.stage_command import add_stage_command
-from cogfun.app.stage_flags import TRAIN_STORE_SKIP, foreign_flags
-from cogfun.precompute.config import PrecomputeConfig
 from cogfun.train.config import TrainConfig
 from typer.testing import CliRunner
-
-
-@pytest.fixture()
-def app_and_seen():
-    seen: list = []
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """test root"""
-
-    add_stage_command(
-        app,
-        "train",
-        TrainConfig,
-        lambda cfg, store: seen.append((cfg, store)),
-        help="train",
-        foreign=foreign_flags("train"),
-        extra_cls=PrecomputeConfig,
-        extra_skip=TRAIN_STORE_SKIP,
-    )
-    add_stage_command(
-        app,
-        "precompute",
-        PrecomputeConfig,
-        seen.append,
-        help="pre",
-        foreign=foreign_flags("precompute"),
-    )
-    return app, seen
 
 
 def test_defaults_are_the_recommended_command(app_and_seen):

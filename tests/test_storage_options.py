@@ -13,10 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from cogfun.app import cli
-from cogfun.app.stage_command import add_stage_command
-from cogfun.app.stage_flags import TRAIN_STORE_SKIP, foreign_flags
 from cogfun.common.decode import MediaInfo
 from cogfun.common.store.location import location
 from cogfun.precompute.config import PrecomputeConfig
@@ -28,27 +25,6 @@ SECRET = "do-not-record-me"
 runner = CliRunner(env={"COLUMNS": "300"})
 # The module (the package exports a function of the same name).
 location_module = importlib.import_module("cogfun.common.store.location")
-
-
-@pytest.fixture()
-def app_and_seen():
-    """Both stage commands, recording what they were called with instead of running."""
-    seen: list = []
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """test root"""
-
-    add_stage_command(
-        app, "train", TrainConfig, lambda cfg, store: seen.append((cfg, store)), help="train",
-        foreign=foreign_flags("train"), extra_cls=PrecomputeConfig, extra_skip=TRAIN_STORE_SKIP,
-    )  # fmt: skip
-    add_stage_command(
-        app, "precompute", PrecomputeConfig, seen.append, help="pre",
-        foreign=foreign_flags("precompute"),
-    )  # fmt: skip
-    return app, seen
 
 
 @pytest.fixture()

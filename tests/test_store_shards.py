@@ -49,21 +49,31 @@ def _arrays(n: int) -> tuple[torch.Tensor, ...]:
     return lat, masks, masked, flags
 
 
-def _write(path: Path, n: int, bulk: bool, shard_samples: int = 5, order=None) -> None:
-    layout = StoreLayout(4, "moments", K, 3, 4)
-    w = open_for_write(
+def _open(path: Path, n: int, shard_samples: int = 5):
+    """The writer of a store of n samples (created, or resumed)."""
+    return open_for_write(
         path,
         settings={"s": 1},
         attrs={},
         plan=_plan(n),
-        layout=layout,
+        layout=StoreLayout(4, "moments", K, 3, 4),
         create=True,
         shard_samples=shard_samples,
     )
+
+
+def _started(path: Path, n: int, shard_samples: int = 5):
+    """`_open`'s writer with the captions and the all-masked latents written."""
+    w = _open(path, n, shard_samples)
     g = torch.Generator().manual_seed(1)
     for i in range(3):
         w.write_caption(i, torch.randn(3, 4, generator=g))
     w.write_all_masked(BUCKET, torch.randn(2, 8, 2, 2, generator=g))
+    return w
+
+
+def _write(path: Path, n: int, bulk: bool, shard_samples: int = 5, order=None) -> None:
+    w = _started(path, n, shard_samples)
     lat, masks, masked, flags = _arrays(n)
     if bulk:
         w.write_samples(BUCKET, range(n), lat, masks, masked, flags)
@@ -321,19 +331,7 @@ def test_a_seal_killed_while_unstaging_loses_nothing(tmp_path, monkeypatch):
 
     ref, out = tmp_path / "ref.zarr", tmp_path / "s.zarr"
     _write(ref, 6, bulk=True, shard_samples=8)
-    w = open_for_write(
-        out,
-        settings={"s": 1},
-        attrs={},
-        plan=_plan(6),
-        layout=StoreLayout(4, "moments", K, 3, 4),
-        create=True,
-        shard_samples=8,
-    )
-    g = torch.Generator().manual_seed(1)
-    for i in range(3):
-        w.write_caption(i, torch.randn(3, 4, generator=g))
-    w.write_all_masked(BUCKET, torch.randn(2, 8, 2, 2, generator=g))
+    w = _started(out, 6, shard_samples=8)
     w.write_samples(BUCKET, range(6), *_arrays(6))
     real, calls = ShardFiles.unstage, []
 
@@ -348,14 +346,6 @@ def test_a_seal_killed_while_unstaging_loses_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(ShardFiles, "unstage", real)
     assert calls == ["checksum"]
     assert open_store(out, allow_incomplete=True).verify() == []
-    rerun = open_for_write(
-        out,
-        settings={"s": 1},
-        attrs={},
-        plan=_plan(6),
-        layout=StoreLayout(4, "moments", K, 3, 4),
-        create=True,
-    )
-    rerun.finalize()  # seals the shard again from what is left
+    _open(out, 6).finalize()  # seals the shard again from what is left
     assert not list(out.rglob(".staged/*"))
     assert open_store(out).digest() == open_store(ref).digest()

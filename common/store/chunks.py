@@ -204,6 +204,17 @@ def put(path: Location, data: bytes | Iterable[bytes] | None) -> None:
     path.write(data)
 
 
+def keep(cache: dict, key: int, value: object, limit: int) -> None:
+    """Put `value` in a cache dict of at most `limit` entries, the oldest dropped first. Reader
+    threads share these caches: their pops may race, which only drops another entry."""
+    while len(cache) >= limit:
+        try:
+            cache.pop(next(iter(cache)), None)
+        except (StopIteration, RuntimeError):
+            break
+    cache[key] = value
+
+
 def stage_all(items: Iterable[tuple[Any, int, np.ndarray | None]]) -> None:
     """`files.stage(row, value)` for every item, many at a time (compression and file writes
     release the GIL); returns once all are on disk, raising the first error."""

@@ -114,12 +114,7 @@ def small_body(files: ShardFiles, shard: int, table: np.ndarray, row: int) -> by
     body = retry_reads(lambda: chunks.read_chunk_bytes(path, 0, end), f"{path}[{row}]")
     if body is None or len(body) != end:
         return None  # gone or shorter: the ranged reads say which
-    while len(files._bodies) >= SMALL_SHARDS_KEPT:  # reader threads share it: pops may race
-        try:
-            files._bodies.pop(next(iter(files._bodies)), None)
-        except (StopIteration, RuntimeError):
-            break
-    files._bodies[shard] = body
+    chunks.keep(files._bodies, shard, body, SMALL_SHARDS_KEPT)
     return body
 
 

@@ -99,12 +99,7 @@ class ShardFiles:
         table = None if tail is None else self._table(tail)
         if tail is not None and table is None:
             raise ValueError(f"{path}: the shard index is truncated or damaged (crc32c)")
-        while len(self._indexes) >= _INDEX_CACHE:  # reader threads share it: pops may race
-            try:
-                self._indexes.pop(next(iter(self._indexes)), None)
-            except (StopIteration, RuntimeError):
-                break
-        self._indexes[shard] = table
+        chunks.keep(self._indexes, shard, table, _INDEX_CACHE)
         return table
 
     def _table(self, tail: bytes) -> np.ndarray | None:
