@@ -6,13 +6,16 @@
     options = server.options()            # storage options: endpoint, fake credentials, http
     env = server.env()                    # the same as AWS_* variables, for child processes
     server.stop(); server.start()         # the same port and the same objects: a restart
+    server.outage_at(3, "/buckets/", 1.5) # the 3rd such request starts a 1.5 s outage
     server.close()
 
 The server runs in a thread of this process (werkzeug), keeps its objects in this process's memory
 and speaks real HTTP, so child processes (a `cogfun precompute` under test) reach it like any S3
 endpoint. `stop()` closes the port (requests then fail with connection errors) and `start()` opens
-it again with every object still there: a server restart as a client sees it. Nothing leaves
-127.0.0.1 and no credentials are real.
+it again with every object still there: a server restart as a client sees it. `outage_at()` does
+the same at a chosen request, not at a chosen time: what a test needs when the client under test
+reads ahead and caches, so that when it reads next is not known. `requests` lists every request
+served (method and path). Nothing leaves 127.0.0.1 and no credentials are real.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ class S3Server:
         self.keep_alive = keep_alive
         self._server = None
         self._thread: threading.Thread | None = None
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request served
+        self.outages = 0  # outages `outage_at()` has started
+        self._outage: tuple[int, str, float | None] | None = None
+        self._lock = threading.Lock()
 
     @property
     def endpoint(self) -> str:
@@ -55,7 +62,7 @@ class S3Server:
             handler = type(
                 "OneRequestHandler", (MotoRequestHandler,), {"protocol_version": "HTTP/1.0"}
             )
-        app = DomainDispatcherApplication(create_backend_app)
+        app = self._watch(DomainDispatcherApplication(create_backend_app))
         self._server = make_server("127.0.0.1", self.port, app, True, request_handler=handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -76,6 +83,44 @@ class S3Server:
             self._server.server_close()  # new connections are refused from here on
             self._thread.join()
             self._server = None
+
+    def outage_at(self, n: int, match: str = "", seconds: float | None = 1.5) -> None:
+        """Arm one outage: the `n`-th request from now whose path holds `match` stops the server
+        (the port closed, as `stop()`), and is itself answered 503 once the port is closed; the
+        server starts again `seconds` later (None: it stays stopped, for the test to start).
+        `outages` counts the outages started."""
+        with self._lock:
+            self._outage = (n, match, seconds)
+
+    def _watch(self, app):
+        """`app` (WSGI), recording each request and firing the armed outage."""
+
+        def watched(environ, start_response):
+            method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
+            with self._lock:
+                self.requests.append((method, path))
+                fire, armed = False, self._outage
+                if armed is not None and armed[1] in path:
+                    n, match, seconds = armed
+                    fire = n <= 1
+                    self._outage = None if fire else (n - 1, match, seconds)
+                    self.outages += fire
+            if not fire:
+                return app(environ, start_response)
+            stopped = threading.Event()
+            threading.Thread(target=self._down, args=(stopped, armed[2]), daemon=True).start()
+            stopped.wait(30)
+            start_response("503 Service Unavailable", [("Content-Length", "0")])
+            return [b""]
+
+        return watched
+
+    def _down(self, stopped: threading.Event, seconds: float | None) -> None:
+        self.stop()
+        stopped.set()
+        if seconds is not None:
+            time.sleep(seconds)
+            self.start()
 
     def close(self) -> None:
         self.stop()
