@@ -245,6 +245,52 @@ def test_the_cache_folder_serves_reads_and_a_new_version_gets_its_own(
     assert clone.path.fs.folder == again.path.fs.folder and str(clone.path) == str(store)
 
 
+def test_a_damaged_cache_entry_is_read_again_from_the_object_store(
+    s3_server, s3_bucket, tmp_path, caplog
+):
+    """A cache disk that flipped a bit in a cached shard: the sample fails its checksum through
+    the cache, its bucket's entries are removed and it is read again from S3 (one warning, the
+    right bytes); the next reader finds good entries. Damage in S3 itself stays DamagedSample."""
+    from cogfun.common.store import DamagedSample
+    from cogfun.common.store.cache import _digest
+
+    store, cache = remote(s3_server, s3_bucket), tmp_path / "cache"
+    write_store(store, make_plan(3))
+    first = open_store(store, cache_dir=cache)
+    want = first.read_batch(VIDEO, [0, 1])
+    latents = store / "buckets" / VIDEO / "latents"
+    digests = {_digest(f"{latents.key}/{rel}") for rel, _ in latents.walk()}
+    folder = Path(first.path.fs.folder)
+    entries = [p.name.partition(".") for p in folder.iterdir()]
+    # The latents shard's chunk ranges, START-LENGTH (not its index, a suffix -N-None, nor the
+    # array's zarr.json, whole: 0-None).
+    ranges = [f"{d}.{tag}" for d, _, tag in entries if d in digests and tag[0] != "-"]
+    damaged = [folder / name for name in ranges if not name.endswith("-None")]
+    assert len(damaged) == 2 and all(p.stat().st_size > 500 for p in damaged)  # rows 0 and 1
+    for entry in damaged:
+        raw = bytearray(entry.read_bytes())
+        raw[len(raw) // 2] ^= 0x40  # the same size: a hit, not a miss
+        entry.write_bytes(bytes(raw))
+    caplog.set_level("WARNING", logger="cogfun.common.store.read")
+    again = open_store(store, cache_dir=cache)
+    got = again.read_batch(VIDEO, [0, 1])
+    for name in ("latents", "masks", "masked_latents"):
+        assert np.array_equal(bits(got[name]), bits(want[name]))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"sample {VIDEO}/0 failed its checksum as read through the cache folder" in warning
+    assert again.path.fs.misses > 0
+    caplog.clear()
+    third = open_store(store, cache_dir=cache)
+    got = third.read_batch(VIDEO, [0, 1])
+    assert np.array_equal(bits(got["latents"]), bits(want["latents"]))
+    assert third.path.fs.misses == 0 and third.path.fs.hits > 0 and not caplog.records
+    # Damage in the object itself: read again from S3, damaged again, and named.
+    flip_byte(store, VIDEO, "latents", 1)
+    fresh = open_store(store, cache_dir=tmp_path / "cache2")
+    with pytest.raises(DamagedSample, match=rf"damaged sample {VIDEO}/1 "):
+        fresh.read_batch(VIDEO, [1])
+
+
 def test_a_creation_marker_whose_put_response_was_lost_is_known_as_ours(
     s3_server, s3_bucket, written, monkeypatch
 ):

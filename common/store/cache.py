@@ -13,8 +13,12 @@ folder never read half an entry; an entry of the wrong size (a crash before the 
 disk) is a miss. `max_bytes` bounds the whole folder, every store version's and every process's
 entries: each process measures the folder when it opens a store and again after every tenth of
 `max_bytes` it added, and then removes the least recently used entries (by modification time; a
-hit touches its entry) down to 80% of it (N processes may overshoot by N tenths in between). A
-read that fails its checksum through the cache stays failed until the folder is deleted.
+hit touches its entry) down to 80% of it (N processes may overshoot by N tenths in between).
+
+An entry is named by a digest of its object's key and the byte range, so `evict(keys)` can remove
+every entry of some objects: the store reader does that when a sample read through the cache
+fails its checksum (a cache disk that flipped bits), then reads the sample again from the object
+store (`StoreReader.read_rows`).
 """
 
 from __future__ import annotations
@@ -53,8 +57,19 @@ class CachedFS:
         return getattr(self.inner, name)
 
     def _entry(self, key: str, tag: str) -> str:
-        digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-        return os.path.join(self.folder, f"{digest}.{tag}")
+        return os.path.join(self.folder, f"{_digest(key)}.{tag}")
+
+    def evict(self, keys: list[str]) -> int:
+        """Remove every entry (any byte range) of the objects `keys` from this store version's
+        folder; returns how many were removed."""
+        digests = {_digest(k) for k in keys}
+        removed = 0
+        for e in _scan(self.folder):
+            if e.name.partition(".")[0] in digests:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+                    removed += 1
+        return removed
 
     def _get(self, path: str, expected: int | None) -> bytes | None:
         """An entry's bytes; None (a miss) when there is none or it has not the expected size
@@ -132,6 +147,10 @@ class CachedFS:
                 found[i] = data
                 self._put(paths[i], data)
         return found  # type: ignore[return-value]
+
+
+def _digest(key: str) -> str:
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 
 def _scan(folder: str) -> list[os.DirEntry]:

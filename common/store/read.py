@@ -13,12 +13,16 @@ lazily filled caches are filled under a lock, and reads themselves keep no state
 A store on an object store is read the same way (`Location`); with `cache_dir`, a finished one's
 files are read through a local cache folder (`cache.py`) in a namespace of the store's URL,
 fingerprint and finalization, so a store finalized again (grown, resumed) never serves bytes
-cached from its older version.
+cached from its older version. A sample that fails its checksum through the cache is read once
+more from the object store itself, its bucket's cache entries removed first: a damaged cache
+entry costs one warning, not the sample; only a sample the object store itself serves damaged is
+`DamagedSample`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -62,6 +66,8 @@ from cogfun.common.store.specs import (
 from cogfun.common.store.sums import (
     checksum,
 )
+
+log = logging.getLogger(__name__)
 
 
 def open_store(
@@ -333,7 +339,39 @@ class StoreReader(StoreLookups):
     ) -> dict[str, np.ndarray]:
         """Raw stacked arrays of done slots (uint16 bits, all-masked substituted, caption (B,));
         with `variants`, only those mask variants of each slot (`rows.read_rows`)."""
-        return rows.read_rows(self, bucket, slots, verify, variants)
+        try:
+            return rows.read_rows(self, bucket, slots, verify, variants)
+        except DamagedSample as exc:
+            if not self._forget_cached(bucket):
+                raise
+            data = rows.read_rows(self, bucket, slots, verify, variants)  # damaged again: raised
+            log.warning(
+                "%s: sample %s/%d failed its checksum as read through the cache folder %s and "
+                "passed it read again from the object store: the cached copy was damaged and is "
+                "gone (%s)",
+                self.source,
+                exc.bucket,
+                exc.slot,
+                self._cache[0],
+                exc.reason,
+            )
+            return data
+
+    def _forget_cached(self, bucket: str) -> bool:
+        """Remove every cache-folder entry of `bucket`'s files and reopen its arrays (new file
+        readers: the shard indexes and bodies they keep in memory go too), so its next reads come
+        from the object store. False when this reader reads no cache."""
+        if self.path is self.source:
+            return False
+        group = self.path / "buckets" / bucket
+        keys = [f"{group.key}/{rel}" for rel, _ in group.walk()]
+        with self._fill:
+            self.path.fs.evict(keys)
+            for key in [k for k in self._rows if k[0] == bucket]:
+                self._rows.pop(key, None)
+            self._shared.pop(bucket, None)
+            self._open_arrays(bucket, self._info(bucket))
+        return True
 
     def read_batch(
         self,
