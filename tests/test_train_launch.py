@@ -1,5 +1,7 @@
 """`cogfun train` as separate processes: `kill -9` then resume, and `accelerate launch` on CPU with
-DeepSpeed ZeRO-2 (1 and 2 processes) and DDP (2 processes), each saving and resuming.
+DDP (2 processes), saving and resuming. Two-process DeepSpeed ZeRO-2 training, saving (fp32 from
+ZeRO's partitions) and resuming is tests/test_validation_launch.py[deepspeed] (with validation on),
+one process under DeepSpeed tests/test_divergence.py.
 
 DeepSpeed JIT-compiles a small communication op on its first run on a machine (about 30 s, cached
 under ~/.cache/torch_extensions); later runs take seconds.
@@ -31,7 +33,6 @@ from train_support import (
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-DS_CONFIG = REPO / "config" / "zero_stage2_config.json"
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +85,15 @@ def _free_port() -> int:
 
 
 def _launch(
-    kind: str, nproc: int, store: Path, model: Path, out: Path, **options
+    nproc: int, store: Path, model: Path, out: Path, **options
 ) -> subprocess.CompletedProcess:
+    """DDP on CPU (`--multi_gpu` with ACCELERATE_USE_CPU: gloo) under `accelerate launch`."""
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     env = cli_env(threads=1)
+    env["ACCELERATE_USE_CPU"] = "true"
     head = [accelerate, "launch", "--num_processes", str(nproc), "--num_machines", "1"]
     head += ["--main_process_port", str(_free_port()), "--dynamo_backend", "no"]
-    if kind == "deepspeed":
-        head += ["--use_deepspeed", "--deepspeed_config_file", str(DS_CONFIG)]
-        head += ["--mixed_precision", "bf16"]
-    else:
-        env["ACCELERATE_USE_CPU"] = "true"  # DDP on CPU: --multi_gpu + use_cpu, gloo
-        head += ["--multi_gpu", "--mixed_precision", "no"]
+    head += ["--multi_gpu", "--mixed_precision", "no"]
     args = train_args(store, model, out, **options)
     res = subprocess.run(
         head + cogfun_cmd() + args, env=env, capture_output=True, text=True, timeout=400
@@ -112,48 +110,24 @@ def _check_rows(rows, nproc, warmup=2, lr=1e-3):
         assert row["loss"] > 0 and row["grad_norm"] > 0
 
 
-# One process under DeepSpeed trains in tests/test_divergence.py, and ZeRO-2's bf16 save on two
-# in tests/test_validation_launch.py[deepspeed]: the cases here are the two-process ones.
-CASES = {"deepspeed-2": ("deepspeed", 2), "ddp-2": ("ddp", 2)}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_accelerate_launch_trains_saves_and_resumes(case, shared, tmp_path):
-    kind, nproc = CASES[case]
+def test_accelerate_launch_ddp_trains_saves_and_resumes(shared, tmp_path):
     store, model = shared
-    out = tmp_path / "out"
-    options = dict(max_train_steps=2, checkpointing_steps=2, mixed_precision="bf16")
-    options["use_came"] = kind == "deepspeed"
-    # --save-dtype under DeepSpeed: fp32 is assembled from ZeRO's fp32 partitions on 2 processes.
-    options["save_dtype"] = "fp32" if case == "deepspeed-2" else "bf16"
-    if kind == "ddp":
-        options.update(mixed_precision="no", dataloader_num_workers=1)
-    first = _launch(kind, nproc, store, model, out, **options)
+    nproc, out = 2, tmp_path / "out"
+    options = dict(max_train_steps=2, checkpointing_steps=2, mixed_precision="no", use_came=False)
+    options.update(save_dtype="bf16", dataloader_num_workers=1)
+    first = _launch(nproc, store, model, out, **options)
     for rank in range(nproc):  # every process saw the world and did work
         assert f"rank {rank} of {nproc}: 4 samples in this run, at step 2" in first.stderr
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     _check_rows(rows, nproc)
     saved = _weights(out / "checkpoint-2" / "transformer")
-    if options["save_dtype"] == "fp32":
-        assert {v.dtype for v in saved.values()} == {torch.float32}
-        # The masters, not the engine's bf16 module upcast: trained values carry fp32 precision.
-        assert any(not torch.equal(v, v.bfloat16().float()) for v in saved.values())
-    else:
-        assert {v.dtype for v in saved.values()} == {torch.bfloat16}
-    masters = out / "checkpoint-2" / "master_weights.safetensors"
-    assert masters.is_file() == (kind == "ddp")  # DeepSpeed keeps its masters in pytorch_model/
-    if kind == "deepspeed":
-        assert "CAME under DeepSpeed ZeRO-2" in first.stderr
-        assert f"DeepSpeed ZeRO-2, {nproc} process(es)" in first.stderr
-        # clip_norm is engine.gradient_clipping(): --max-grad-norm, not accelerate's "auto" 1.0
-        assert all(r["clip_norm"] == 0.05 for r in rows)
-        assert (out / "checkpoint-2" / "pytorch_model").is_dir()
-    else:
-        assert "MULTI_CPU, 2 process(es)" in first.stderr
-        assert rows[0]["clip_norm"] == pytest.approx(0.25)  # the adaptive schedule's first value
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    assert (out / "checkpoint-2" / "master_weights.safetensors").is_file()
+    assert "MULTI_CPU, 2 process(es)" in first.stderr
+    assert rows[0]["clip_norm"] == pytest.approx(0.25)  # the adaptive schedule's first value
     options["max_train_steps"] = 3
-    second = _launch(kind, nproc, store, model, out, **options)
+    second = _launch(nproc, store, model, out, **options)
     assert f"resuming from {out / 'checkpoint-2'}" in second.stderr
     assert f"rank {nproc - 1} of {nproc}: 2 samples in this run, at step 3" in second.stderr
     resumed = metrics(out)

@@ -1,6 +1,8 @@
-"""Validation under `accelerate launch`, 2 processes (DDP on CPU, ZeRO-2, ZeRO-3): videos at the
-right steps from every rank, no T5 built in any process (recorded from inside each process by a
-start-up hook), and training that computes and resumes exactly as it does without validation."""
+"""Validation under `accelerate launch`, 2 processes (ZeRO-2, ZeRO-3): videos at the right steps
+from every rank, no T5 built in any process (recorded from inside each process by a start-up hook),
+and training that computes and resumes exactly as it does without validation. The ZeRO-2 run is
+also the suite's two-process DeepSpeed training, save and resume (CAME, fp32 saved from ZeRO's
+partitions; the DDP one: tests/test_train_launch.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from cogfun.app.cli import app
 from cogfun.testing.runs import train_args, train_compare
+from safetensors.torch import load_file
 from train_support import cli_env, cogfun_cmd, make_store, metrics, validation_videos
 from typer.testing import CliRunner
 
@@ -161,7 +165,9 @@ def _launcher(kind: str) -> tuple[list[str], dict]:
     name = "zero_stage2_config.json" if kind == "deepspeed" else "zero_stage3_config.json"
     head += ["--use_deepspeed", "--deepspeed_config_file", str(CONFIG / name)]
     head += ["--mixed_precision", "bf16"]
-    return head, dict(mixed_precision="bf16", use_came=kind == "deepspeed")
+    if kind == "deepspeed":  # fp32 is assembled from ZeRO-2's fp32 partitions on 2 processes
+        return head, dict(mixed_precision="bf16", use_came=True, save_dtype="fp32")
+    return head, dict(mixed_precision="bf16", use_came=False)
 
 
 @pytest.mark.slow
@@ -195,21 +201,37 @@ def test_every_rank_takes_part_under_accelerate_launch(
         return res.stderr
 
     out = tmp_path / kind
-    launch(out, 2, tmp_path / "t5-first", validation=True)
+    first = launch(out, 2, tmp_path / "t5-first", validation=True)
     assert validation_videos(out) == {f"step-{s}/{i:02d}.mp4" for s in (1, 2) for i in (0, 1, 2)}
     rows = metrics(out)
     assert [(r["validation_videos"], r["validation_failed"]) for r in rows] == [(3, 0), (3, 0)]
     assert_no_t5(tmp_path / "t5-first")
+    for rank in range(2):  # every process saw the world and did work
+        assert f"rank {rank} of 2: 4 samples in this run, at step 2" in first
+    assert all(r["world_size"] == 2 and min(r["rank_samples"]) > 0 for r in rows)
+    if kind == "deepspeed":
+        assert "CAME under DeepSpeed ZeRO-2" in first and "DeepSpeed ZeRO-2, 2 process(es)" in first
+        # clip_norm is engine.gradient_clipping(): --max-grad-norm, not accelerate's "auto" 1.0
+        assert all(r["clip_norm"] == 0.05 for r in rows)
+        assert (out / "checkpoint-2" / "pytorch_model").is_dir()
+        assert not (out / "checkpoint-2" / "master_weights.safetensors").exists()
+        folder = out / "checkpoint-2" / "transformer"
+        saved = load_file(folder / "diffusion_pytorch_model.safetensors")
+        assert {v.dtype for v in saved.values()} == {torch.float32}
+        # The masters, not the engine's bf16 module upcast: trained values carry fp32 precision.
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in saved.values())
 
     stderr = launch(out, 3, tmp_path / "t5-resumed", validation=True)
     assert f"resuming from {out / 'checkpoint-2'}" in stderr
     assert validation_videos(out) == {f"step-{s}/{i:02d}.mp4" for s in (1, 2, 3) for i in (0, 1, 2)}
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
-    assert metrics(out)[2]["validation_videos"] == 3
+    resumed = metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[:2] == rows
+    assert resumed[2]["validation_videos"] == 3
+    assert "rank 1 of 2: 2 samples in this run, at step 3" in stderr
     assert_no_t5(tmp_path / "t5-resumed")
 
     if kind == "deepspeed":
-        return  # ZeRO-2's exact resume: tests/test_train_launch.py[deepspeed-2]
+        return  # ZeRO-3 below: the resumed run equals an uninterrupted one without validation
     plain = tmp_path / "plain"
     launch(plain, 3, tmp_path / "t5-plain", validation=False)
     assert "validation_s" not in metrics(plain)[0]
