@@ -36,6 +36,7 @@ from cogfun.common.store import (
     read_plan,
     shard_size,
 )
+from cogfun.common.store.lock import LeaseWatch, token_from_ints, token_to_ints
 from cogfun.config.store_paths import NOT_RECORDED
 from cogfun.precompute.config import PrecomputeConfig
 from cogfun.precompute.headers import HeaderPassError, header_pass, probe_dir, prune
@@ -180,15 +181,18 @@ def open_store_for_run(
     precompute per store."""
     run_id = 0
     lock = None
+    token = [0] * 4  # the lease's token on an object store, for the other processes' checks
     if ranks.is_main:
         try:
             lock = StoreLock(cfg.out)
             cleanup.callback(lock.release)
         except BaseException:
-            ranks.broadcast([0, 0])
+            ranks.broadcast([0, 0, *token])
             raise
         run_id = secrets.randbits(62)
-    locked, run_id = ranks.broadcast([1, run_id])
+        if lock.token is not None:
+            token = token_to_ints(lock.token)
+    locked, run_id, *token = ranks.broadcast([1, run_id, *token])
     if not locked:
         raise SetupAborted("process 0 could not lock the store (see its messages)")
     start = time.perf_counter()
@@ -211,6 +215,8 @@ def open_store_for_run(
         writer = open_for_write(
             cfg.out, settings=settings, attrs=attrs, plan=plan.store, layout=layout, create=False
         )
+        if any(token):  # a lease: a takeover stops this process's seals too
+            writer.guard = LeaseWatch(cfg.out, token_from_ints(token)).check
         return plan, writer
     try:
         plan = merge(stored_plan(cfg.out, settings), plan, cfg.vae_mini_batch)

@@ -242,3 +242,33 @@ def test_a_writer_whose_lease_was_taken_stops_before_sealing_or_finalizing(store
     assert open_store(store, allow_incomplete=True).status == "writing"
     assert not [k for k, _ in store.walk() if "/latents/c." in k]  # no shard was sealed
     lock.release()
+
+
+def test_the_other_processes_watch_process_0s_lease(store, s3_server, monkeypatch):
+    """A precompute's other processes check process 0's lease by its token (`LeaseWatch`, what
+    precompute gives their writers as `guard`): passing while it is held, at most one read per
+    TTL/6, then failing on a takeover or an expired lease, naming the holder."""
+    from cogfun.common.store.lock import LeaseWatch, token_from_ints, token_to_ints
+
+    monkeypatch.setenv("COGFUN_LEASE_TTL_S", "1.2")
+    lock = StoreLock(store)
+    assert token_from_ints(token_to_ints(lock.token)) == lock.token
+    assert all(0 <= v < 2**32 for v in token_to_ints(lock.token))  # fit Ranks' int64 broadcast
+    watch = LeaseWatch(store, lock.token)
+    s3_server.requests.clear()
+    watch.check()
+    watch.check()  # within TTL/6 of the first: no request
+    assert [m for m, p in s3_server.requests if p.endswith(".latents.zarr.lock")] == ["GET"]
+    write_lease(store, "pid 4242 on thief-host", expires_in=60)
+    time.sleep(0.25)  # past TTL/6 (0.2 s)
+    with pytest.raises(StoreError, match=r"taken over by pid 4242 on thief-host; this process"):
+        watch.check()
+    lock_path(store).delete()
+    with pytest.raises(StoreError, match="taken over by nobody: it was deleted"):
+        LeaseWatch(store, lock.token).check()
+    lease = {"holder": ME, "token": lock.token, "expires": time.time() - 1}
+    lock_path(store).write(json.dumps(lease).encode())
+    with pytest.raises(StoreError, match="writer lease expired at .* without a renewal"):
+        LeaseWatch(store, lock.token).check()
+    lock.release()
+    assert StoreLock(store, wait_s=0).token != lock.token  # free again: a new lease

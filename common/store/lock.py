@@ -29,6 +29,10 @@ store, JSON `{"holder": "pid N on HOST", "token": <uuid>, "expires": <unix time>
   renewal (the store could not be reached), as another writer may hold it by then.
 - Releasing it: `release()` (also run at process exit) stops the thread and deletes the lease if
   the token in it is still ours.
+- The other processes of a multi-process precompute hold no lease of their own: process 0 hands
+  them its lease's `token`, and each checks with a `LeaseWatch` before its own seals that the
+  lease still carries that token and has not expired (the object read at most every TTL/6), so a
+  takeover stops every process of the old run, not only process 0.
 
 Limits: expiry compares the holder's clock with the taker's, so clocks across machines must agree
 to well within the TTL. "This machine" is the host name plus the boot id and pid namespace when
@@ -179,6 +183,12 @@ class StoreLock:
                 ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, _holder().encode(), 0)
+
+    @property
+    def token(self) -> str | None:
+        """The lease's token (32 hex digits), for the run's other processes' `LeaseWatch`; None
+        for a local flock."""
+        return None if self._lease is None else self._lease.token
 
     @property
     def lost(self) -> bool:
@@ -353,6 +363,57 @@ class _Lease:
                 exc,
                 _when(self._expires),
             )
+
+
+class LeaseWatch:
+    """What the other processes of a precompute check before their seals: that the lease process
+    0 holds (`token`) is still in place and unexpired. The lease object is read at most every
+    TTL/6 seconds; a read that fails is tolerated until the last expiry seen has passed."""
+
+    def __init__(self, store: str | Path | Location, token: str):
+        self.store = location(store)
+        self.path = lock_path(self.store)
+        self.token = token
+        self.ttl = lease_ttl_s()
+        self._next = 0.0  # time.monotonic() of the next read
+        self._expires = time.time() + self.ttl / 2  # until a read says otherwise
+
+    def check(self) -> None:
+        if time.monotonic() < self._next and time.time() < self._expires:
+            return
+        try:
+            found = self.path.read()
+        except OSError as exc:
+            if time.time() < self._expires:
+                log.warning("%s: could not read the writer lease (%s)", self.store, exc)
+                return
+            raise StoreError(
+                f"{self.store}: the writer lease could not be read ({exc}) and has expired "
+                "since it was last seen; stopping, as another writer may hold it now"
+            ) from exc
+        lease = None if found is None else _parse(found)
+        if lease is None or lease["token"] != self.token:
+            holder = lease["holder"] if lease is not None else "nobody: it was deleted"
+            raise StoreError(
+                f"{self.store}: process 0's writer lease was taken over by {holder}; this "
+                "process stops so that two writers never write the store at once"
+            )
+        if time.time() >= lease["expires"]:
+            raise StoreError(
+                f"{self.store}: process 0's writer lease expired at {_when(lease['expires'])} "
+                "without a renewal; stopping, as another writer may take it now"
+            )
+        self._expires = lease["expires"]
+        self._next = time.monotonic() + self.ttl / 6
+
+
+def token_to_ints(token: str) -> list[int]:
+    """A lease token (32 hex digits) as 4 ints of 32 bits (`Ranks.broadcast` sends ints)."""
+    return [int(token[i : i + 8], 16) for i in range(0, 32, 8)]
+
+
+def token_from_ints(values: list[int]) -> str:
+    return "".join(f"{v:08x}" for v in values)
 
 
 def live_writer(store: str | Path | Location) -> str | None:
