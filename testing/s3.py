@@ -15,7 +15,7 @@ endpoint. `stop()` closes the port (requests then fail with connection errors) a
 it again with every object still there: a server restart as a client sees it. `outage_at()` does
 the same at a chosen request, not at a chosen time: what a test needs when the client under test
 reads ahead and caches, so that when it reads next is not known. `requests` lists every request
-served (method and path). Nothing leaves 127.0.0.1 and no credentials are real.
+served (method, path and query). Nothing leaves 127.0.0.1 and no credentials are real.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class S3Server:
         self.keep_alive = keep_alive
         self._server = None
         self._thread: threading.Thread | None = None
-        self.requests: list[tuple[str, str]] = []  # (method, path) of every request served
+        self.requests: list[tuple[str, str]] = []  # (method, path?query) of each request served
         self.outages = 0  # outages `outage_at()` has started
         self._outage: tuple[int, str, float | None] | None = None
         self._lock = threading.Lock()
@@ -97,6 +97,8 @@ class S3Server:
 
         def watched(environ, start_response):
             method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
+            if environ.get("QUERY_STRING"):
+                path = f"{path}?{environ['QUERY_STRING']}"
             with self._lock:
                 self.requests.append((method, path))
                 fire, armed = False, self._outage

@@ -245,6 +245,30 @@ def test_the_cache_folder_serves_reads_and_a_new_version_gets_its_own(
     assert clone.path.fs.folder == again.path.fs.folder and str(clone.path) == str(store)
 
 
+def test_a_seal_deletes_its_staged_objects_in_bulk(s3_server, s3_bucket):
+    """Sealing a shard removes its staged objects with one DeleteObjects request per array, not
+    a DELETE per object; none of that shard's is left."""
+    store = remote(s3_server, s3_bucket)
+    w = write_store(store, make_plan(4), shard_samples=4, finalize=False)
+    bucket = store / "buckets" / VIDEO
+
+    def staged() -> list[str]:
+        return [k for k, _ in bucket.walk() if "/.staged/" in k]
+
+    before = staged()
+    s3_server.requests.clear()
+    w.seal(VIDEO, 0)
+    served = list(s3_server.requests)
+    assert not [p for m, p in served if m == "DELETE"]
+    bulk = [p for m, p in served if m == "POST" and p.endswith("?delete")]
+    arrays = {k.split("/")[0] for k in before}
+    assert len(bulk) == len(arrays) == len(SAMPLE_ARRAYS)  # one request per array
+    assert len(before) >= 4 * len(arrays) and staged() == []  # 4 rows (masks: K parts each)
+    w.finalize()
+    r = open_store(store)
+    assert r.verify() == [] and len(r.buckets[VIDEO].slots) == 4
+
+
 def test_a_damaged_cache_entry_is_read_again_from_the_object_store(
     s3_server, s3_bucket, tmp_path, caplog
 ):

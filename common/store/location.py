@@ -237,6 +237,13 @@ class Location:
     def delete(self) -> None:
         self.fs.delete(self.key)
 
+    def delete_many(self, names: list[str]) -> None:
+        """Remove the files `names` in this folder (those there are): on an object store, bulk
+        requests (S3's DeleteObjects: 1000 keys each) instead of one request a file."""
+        keys = [f"{self.key}/{n}" if self.key else n for n in names]
+        if keys:
+            self.fs.delete_many(keys)
+
     def delete_tree(self) -> None:
         """Remove this folder and everything in it."""
         self.fs.delete_tree(self.key)
@@ -354,6 +361,10 @@ class LocalFS:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(key)
+
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(key)
 
     def delete_tree(self, key: str) -> None:
         import shutil

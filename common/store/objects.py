@@ -346,15 +346,24 @@ class ObjectFS:
         with contextlib.suppress(FileNotFoundError):
             self._call("DELETE", key, lambda: obstore.delete(self._store, key))
 
-    def delete_tree(self, key: str) -> None:
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete `keys` (missing ones are no error) in bulk requests of at most 1000 keys, in
+        order (obstore sends S3 a DeleteObjects request; stores without one, a request a key)."""
         import obstore
 
+        for i in range(0, len(keys), 1000):
+            part = keys[i : i + 1000]
+            try:
+                self._call("DELETE", part[0], lambda part=part: obstore.delete(self._store, part))
+            except FileNotFoundError:  # a store that stops at a missing key: the rest one by one
+                for key in part:
+                    self.delete(key)
+
+    def delete_tree(self, key: str) -> None:
         # Reverse key order: the root `zarr.json` goes first (the prefix stops being a store at
         # once) and a `.creating` marker last (a cleanup cut short is still known for one).
         paths = sorted((f"{key}/{rel}" if key else rel for rel, _ in self.walk(key)), reverse=True)
-        for i in range(0, len(paths), 1000):
-            part = paths[i : i + 1000]
-            self._call("DELETE", key, lambda part=part: obstore.delete(self._store, part))
+        self.delete_many(paths)
         self.delete(key)
 
 

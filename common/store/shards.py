@@ -256,16 +256,16 @@ class ShardFiles:
 
     def unstage(self, rows: Iterable[int]) -> None:
         """Remove the staged files of `rows` (those there are: on an object store, one listing
-        and the deletes in parallel)."""
+        and bulk deletes)."""
         if self.folder.local:
             for row in rows:
                 for part in range(self.parts):
                     self.staged_path(row, part).delete()
             return
-        present = set((self.folder / STAGED_DIR).listdir())
-        names = [f"{int(r)}.{p}" for r in rows for p in range(self.parts)]
         staged = self.folder / STAGED_DIR
-        fetch.in_parallel([lambda n=n: (staged / n).delete() for n in names if n in present])
+        present = set(staged.listdir())
+        names = [f"{int(r)}.{p}" for r in rows for p in range(self.parts)]
+        staged.delete_many([n for n in names if n in present])
 
     # ---- sealing ----
 
