@@ -88,9 +88,9 @@ class S3Server:
         """Arm one outage: the `n`-th request from now whose path holds `match` stops the server
         (the port closed, as `stop()`), and is itself answered 503 once the port is closed; the
         server starts again `seconds` later (None: it stays stopped, for the test to start).
-        `outages` counts the outages started."""
+        `outages` counts the outages started; n = 0 disarms."""
         with self._lock:
-            self._outage = (n, match, seconds)
+            self._outage = (n, match, seconds) if n > 0 else None
 
     def _watch(self, app):
         """`app` (WSGI), recording each request and firing the armed outage."""

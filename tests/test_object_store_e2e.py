@@ -165,6 +165,7 @@ def test_server_restart_mid_training_retries_then_same_losses(
     try:
         _, err = proc.communicate(timeout=300)
     finally:
+        s3_server.outage_at(0)  # not left armed for another test
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
@@ -181,6 +182,7 @@ def test_server_gone_mid_training_is_one_clear_error(built, tiny_model_dir, s3_s
     try:
         _, err = proc.communicate(timeout=300)
     finally:
+        s3_server.outage_at(0)
         if proc.poll() is None:
             proc.kill()
         if not s3_server.running:

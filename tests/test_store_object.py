@@ -269,6 +269,32 @@ def test_a_seal_deletes_its_staged_objects_in_bulk(s3_server, s3_bucket):
     assert r.verify() == [] and len(r.buckets[VIDEO].slots) == 4
 
 
+def test_an_endpoint_without_bulk_delete_gets_one_delete_an_object(
+    s3_server, s3_bucket, monkeypatch
+):
+    """An S3-compatible endpoint that answers DeleteObjects with 501 Not Implemented: not
+    retried, and the objects are deleted one by one instead."""
+    import obstore
+
+    store = remote(s3_server, s3_bucket)
+    folder = store / "x"
+    for name in ("a", "b", "c"):
+        (folder / name).write(b"1")
+    real = obstore.delete
+    bulk: list[int] = []
+
+    def no_bulk(client, paths):
+        if isinstance(paths, list):
+            bulk.append(len(paths))
+            raise obstore.exceptions.GenericError("Received HTTP status: 501 Not Implemented")
+        return real(client, paths)
+
+    monkeypatch.setattr(obstore, "delete", no_bulk)
+    folder.delete_many(["a", "b", "missing"])
+    assert bulk == [3]  # one bulk attempt, not retried
+    assert sorted(folder.listdir()) == ["c"]
+
+
 def test_a_damaged_cache_entry_is_read_again_from_the_object_store(
     s3_server, s3_bucket, tmp_path, caplog
 ):
@@ -276,14 +302,14 @@ def test_a_damaged_cache_entry_is_read_again_from_the_object_store(
     the cache, its bucket's entries are removed and it is read again from S3 (one warning, the
     right bytes); the next reader finds good entries. Damage in S3 itself stays DamagedSample."""
     from cogfun.common.store import DamagedSample
-    from cogfun.common.store.cache import _digest
+    from cogfun.common.store.cache import key_digest
 
     store, cache = remote(s3_server, s3_bucket), tmp_path / "cache"
     write_store(store, make_plan(3))
     first = open_store(store, cache_dir=cache)
     want = first.read_batch(VIDEO, [0, 1])
     latents = store / "buckets" / VIDEO / "latents"
-    digests = {_digest(f"{latents.key}/{rel}") for rel, _ in latents.walk()}
+    digests = {key_digest(f"{latents.key}/{rel}") for rel, _ in latents.walk()}
     folder = Path(first.path.fs.folder)
     entries = [p.name.partition(".") for p in folder.iterdir()]
     # The latents shard's chunk ranges, START-LENGTH (not its index, a suffix -N-None, nor the
@@ -313,6 +339,10 @@ def test_a_damaged_cache_entry_is_read_again_from_the_object_store(
     fresh = open_store(store, cache_dir=tmp_path / "cache2")
     with pytest.raises(DamagedSample, match=rf"damaged sample {VIDEO}/1 "):
         fresh.read_batch(VIDEO, [1])
+    misses = fresh.path.fs.misses
+    with pytest.raises(DamagedSample, match=rf"damaged sample {VIDEO}/1 "):
+        fresh.read_batch(VIDEO, [1])  # known damaged at the source: no second eviction
+    assert fresh.path.fs.misses == misses
 
 
 def test_a_creation_marker_whose_put_response_was_lost_is_known_as_ours(

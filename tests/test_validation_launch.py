@@ -209,6 +209,7 @@ def test_every_rank_takes_part_under_accelerate_launch(
     for rank in range(2):  # every process saw the world and did work
         assert f"rank {rank} of 2: 4 samples in this run, at step 2" in first
     assert all(r["world_size"] == 2 and min(r["rank_samples"]) > 0 for r in rows)
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 5e-4])  # 2 warm-up steps to 1e-3
     if kind == "deepspeed":
         assert "CAME under DeepSpeed ZeRO-2" in first and "DeepSpeed ZeRO-2, 2 process(es)" in first
         # clip_norm is engine.gradient_clipping(): --max-grad-norm, not accelerate's "auto" 1.0
@@ -230,7 +231,12 @@ def test_every_rank_takes_part_under_accelerate_launch(
     assert "rank 1 of 2: 2 samples in this run, at step 3" in stderr
     assert_no_t5(tmp_path / "t5-resumed")
 
+    assert resumed[2]["lr"] == pytest.approx(1e-3)
     if kind == "deepspeed":
+        from diffusers import CogVideoXTransformer3DModel
+
+        final = CogVideoXTransformer3DModel.from_pretrained(out / "checkpoint-3" / "transformer")
+        assert final.config.in_channels == 33
         return  # ZeRO-3 below: the resumed run equals an uninterrupted one without validation
     plain = tmp_path / "plain"
     launch(plain, 3, tmp_path / "t5-plain", validation=False)

@@ -18,7 +18,8 @@ hit touches its entry) down to 80% of it (N processes may overshoot by N tenths 
 An entry is named by a digest of its object's key and the byte range, so `evict(keys)` can remove
 every entry of some objects: the store reader does that when a sample read through the cache
 fails its checksum (a cache disk that flipped bits), then reads the sample again from the object
-store (`StoreReader.read_rows`).
+store (`StoreReader.read_rows`). Caption embeddings and done indexes are not healed that way: a
+damaged entry of those stays reported as damage until the folder is deleted.
 """
 
 from __future__ import annotations
@@ -57,12 +58,12 @@ class CachedFS:
         return getattr(self.inner, name)
 
     def _entry(self, key: str, tag: str) -> str:
-        return os.path.join(self.folder, f"{_digest(key)}.{tag}")
+        return os.path.join(self.folder, f"{key_digest(key)}.{tag}")
 
     def evict(self, keys: list[str]) -> int:
         """Remove every entry (any byte range) of the objects `keys` from this store version's
         folder; returns how many were removed."""
-        digests = {_digest(k) for k in keys}
+        digests = {key_digest(k) for k in keys}
         removed = 0
         for e in _scan(self.folder):
             if e.name.partition(".")[0] in digests:
@@ -149,7 +150,8 @@ class CachedFS:
         return found  # type: ignore[return-value]
 
 
-def _digest(key: str) -> str:
+def key_digest(key: str) -> str:
+    """The part of an entry's file name that names its object (`<digest>.<start>-<length>`)."""
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 

@@ -384,8 +384,9 @@ class LeaseWatch:
         try:
             found = self.path.read()
         except OSError as exc:
-            if time.time() < self._expires:
+            if time.time() < self._expires:  # the next seals pass without a read till TTL/6
                 log.warning("%s: could not read the writer lease (%s)", self.store, exc)
+                self._next = time.monotonic() + self.ttl / 6
                 return
             raise StoreError(
                 f"{self.store}: the writer lease could not be read ({exc}) and has expired "
@@ -393,10 +394,15 @@ class LeaseWatch:
             ) from exc
         lease = None if found is None else _parse(found)
         if lease is None or lease["token"] != self.token:
-            holder = lease["holder"] if lease is not None else "nobody: it was deleted"
+            if found is None:
+                what = "is gone (process 0 released it as it ended, or it was deleted)"
+            elif lease is None:
+                what = "was replaced by an object cogfun did not write"
+            else:
+                what = f"was taken over by {lease['holder']}"
             raise StoreError(
-                f"{self.store}: process 0's writer lease was taken over by {holder}; this "
-                "process stops so that two writers never write the store at once"
+                f"{self.store}: process 0's writer lease {what}; this process stops so that two "
+                "writers never write the store at once"
             )
         if time.time() >= lease["expires"]:
             raise StoreError(

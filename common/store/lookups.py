@@ -66,7 +66,8 @@ class StoreLookups:
         hashes = np.empty(len(slots), dtype=np.uint64)
         for chunk in np.unique(slots // size).tolist():
             key = (bucket, chunk)
-            if key not in self._rows:
+            values = self._rows.get(key)  # one lookup: `_forget_cached` may drop it meanwhile
+            if values is None:
                 lo, hi = chunk * size, min((chunk + 1) * size, rows)
                 try:
                     values = tuple(
@@ -81,8 +82,8 @@ class StoreLookups:
                     ) from exc
                 self._rows[key] = values  # one assignment of a finished value: no lock needed
             inside = slots // size == chunk
-            captions[inside] = self._rows[key][0][slots[inside] - chunk * size]
-            hashes[inside] = self._rows[key][1][slots[inside] - chunk * size]
+            captions[inside] = values[0][slots[inside] - chunk * size]
+            hashes[inside] = values[1][slots[inside] - chunk * size]
         return captions, hashes
 
     def provenance(self, bucket: str, slot: int) -> dict:

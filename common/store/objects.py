@@ -167,7 +167,9 @@ class ObjectFS:
                 status = _status(exc)
                 if status == 416:  # a range past the end: the caller's answer, not a failure
                     raise RangeNotSatisfiable(url) from exc
-                permanent = status is not None and 400 <= status < 500 and status not in (408, 429)
+                permanent = status is not None and (
+                    400 <= status < 500 and status not in (408, 429) or status == 501
+                )
                 if attempt == attempts or permanent:
                     raise ObjectStoreIOError(
                         f"{what} {url} failed {attempt} times: {_first_line(exc)}", attempt
@@ -353,9 +355,17 @@ class ObjectFS:
 
         for i in range(0, len(keys), 1000):
             part = keys[i : i + 1000]
+            what = f"DELETE ({len(part)} objects from)"
             try:
-                self._call("DELETE", part[0], lambda part=part: obstore.delete(self._store, part))
+                self._call(what, part[0], lambda part=part: obstore.delete(self._store, part))
             except FileNotFoundError:  # a store that stops at a missing key: the rest one by one
+                for key in part:
+                    self.delete(key)
+            except (ObjectStoreIOError, StoreError) as exc:
+                if not isinstance(exc, StoreError) and _status(exc.__cause__) != 501:
+                    raise
+                # An S3-compatible endpoint without DeleteObjects: a request an object.
+                log.info("%s: bulk delete refused (%s); deleting one by one", self.root, exc)
                 for key in part:
                     self.delete(key)
 

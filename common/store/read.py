@@ -8,7 +8,8 @@ is not damage: it is retried, then raised as `StoreReadError` naming the file an
 (`store_chunks.retry_reads`), which `--skip-damaged` does not skip.
 
 A `StoreReader` may be shared by threads (the training loader's reader threads share one): its
-lazily filled caches are filled under a lock, and reads themselves keep no state.
+lazily filled caches are filled under a lock, and reads themselves keep no state; readers look a
+cache entry up once, as the cache self-heal below may drop entries while they read.
 
 A store on an object store is read the same way (`Location`); with `cache_dir`, a finished one's
 files are read through a local cache folder (`cache.py`) in a namespace of the store's URL,
@@ -16,7 +17,9 @@ fingerprint and finalization, so a store finalized again (grown, resumed) never 
 cached from its older version. A sample that fails its checksum through the cache is read once
 more from the object store itself, its bucket's cache entries removed first: a damaged cache
 entry costs one warning, not the sample; only a sample the object store itself serves damaged is
-`DamagedSample`.
+`DamagedSample` (and is not healed again). Caption embeddings and done indexes read through the
+cache are not healed: a damaged entry of those is reported as damage until the cache folder is
+deleted.
 """
 
 from __future__ import annotations
@@ -140,6 +143,8 @@ class StoreReader(StoreLookups):
         self._files: dict[str, dict[str, ChunkFiles | ShardFiles | None]] = {}
         self._rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}  # plan chunks
         self._shared: dict[str, np.ndarray] = {}
+        # Samples read damaged from the object store itself, past the cache: not healed again.
+        self._damaged_at_source: set[tuple[str, int]] = set()
         self._done: dict[str, np.ndarray] = {}
         # Fills of the caches above; a cache entry is published only once complete, so readers
         # that find it never take the lock.
@@ -296,7 +301,8 @@ class StoreReader(StoreLookups):
         return rows
 
     def _shared_latents(self, bucket: str, slot: int) -> np.ndarray:
-        if bucket not in self._shared:
+        found = self._shared.get(bucket)  # one lookup: `_forget_cached` may drop it meanwhile
+        if found is None:
             arrays = self._bucket_arrays(bucket)
             try:
                 shared, sums = arrays["all_masked_latents"], arrays["all_masked_checksum"]
@@ -312,8 +318,8 @@ class StoreReader(StoreLookups):
                 raise self._damaged(
                     bucket, slot, "the bucket's shared all-masked latents are missing or damaged"
                 )
-            self._shared[bucket] = bits
-        return self._shared[bucket]
+            self._shared[bucket] = found = bits
+        return found
 
     # ---- public reads ----
 
@@ -342,9 +348,14 @@ class StoreReader(StoreLookups):
         try:
             return rows.read_rows(self, bucket, slots, verify, variants)
         except DamagedSample as exc:
-            if not self._forget_cached(bucket):
+            key = (exc.bucket, exc.slot)
+            if key in self._damaged_at_source or not self._forget_cached(bucket, exc):
                 raise
-            data = rows.read_rows(self, bucket, slots, verify, variants)  # damaged again: raised
+            try:
+                data = rows.read_rows(self, bucket, slots, verify, variants)
+            except DamagedSample as again:  # damaged in the object store itself
+                self._damaged_at_source.add((again.bucket, again.slot))
+                raise
             log.warning(
                 "%s: sample %s/%d failed its checksum as read through the cache folder %s and "
                 "passed it read again from the object store: the cached copy was damaged and is "
@@ -357,17 +368,22 @@ class StoreReader(StoreLookups):
             )
             return data
 
-    def _forget_cached(self, bucket: str) -> bool:
+    def _forget_cached(self, bucket: str, damage: DamagedSample) -> bool:
         """Remove every cache-folder entry of `bucket`'s files and reopen its arrays (new file
         readers: the shard indexes and bodies they keep in memory go too), so its next reads come
-        from the object store. False when this reader reads no cache."""
+        from the object store. False when this reader reads no cache. Other threads may be
+        reading meanwhile: the caches are replaced or dropped entry by entry, never iterated
+        while they fill, and their readers look an entry up once."""
         if self.path is self.source:
             return False
         group = self.path / "buckets" / bucket
-        keys = [f"{group.key}/{rel}" for rel, _ in group.walk()]
+        try:
+            keys = [f"{group.key}/{rel}" for rel, _ in group.walk()]
+        except OSError as exc:  # the listing failed: the damage report stands
+            raise damage from exc
         with self._fill:
             self.path.fs.evict(keys)
-            for key in [k for k in self._rows if k[0] == bucket]:
+            for key in [k for k in list(self._rows) if k[0] == bucket]:
                 self._rows.pop(key, None)
             self._shared.pop(bucket, None)
             self._open_arrays(bucket, self._info(bucket))
