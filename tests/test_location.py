@@ -198,6 +198,26 @@ def test_the_read_cache_hits_serves_offline_and_prunes(s3_server, s3_bucket, tmp
     assert local.cached(tmp_path / "cache", "ns") is local
 
 
+def test_a_hit_touches_its_entry_at_most_once_a_minute(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """The entries' mtimes are the LRU order: a hit refreshes its entry's, but not again within
+    TOUCH_EVERY_S (a syscall saved on nearly every hit)."""
+    from cogfun.common.store import cache
+
+    loc = location(f"s3://{s3_bucket}/t/data.bin", s3_server.options(retries=1))
+    loc.write(DATA)
+    cached = loc.cached(tmp_path / "cache", "ns")
+    assert cached.read(0, 300) == DATA[:300]  # a miss: the entry written
+    (entry,) = (tmp_path / "cache" / "ns").iterdir()
+    os.utime(entry, (1, 1))  # long ago
+    assert cached.read(0, 300) == DATA[:300] and entry.stat().st_mtime > 1e9  # touched
+    os.utime(entry, (1, 1))
+    assert cached.read(0, 300) == DATA[:300] and entry.stat().st_mtime == 1  # not again
+    later = time.monotonic() + cache.TOUCH_EVERY_S + 1
+    monkeypatch.setattr(cache.time, "monotonic", lambda: later)
+    assert cached.read(0, 300) == DATA[:300] and entry.stat().st_mtime > 1e9
+    assert cached.fs.hits == 3
+
+
 def _s3(s3_server, s3_bucket, name: str = "root"):
     return location(f"s3://{s3_bucket}/{name}", s3_server.options(retries=3, retry_backoff_s=0.05))
 
