@@ -21,8 +21,9 @@ decoding them is cheaper than decoding real 720p footage: the online way's decod
 well below the ~20 % measured for the original on real clips (docs/performance.md), and the
 speedup is a lower bound in that respect.
 
-Each way runs in its own long-lived subprocess; the parent alternates them in rounds (ABBA order,
-this machine's speed drifts) and samples each process tree's memory. Figures, one `name: value`
+Each way runs in its own long-lived subprocess; the subprocesses start up together (not measured),
+then the parent alternates them in rounds (ABBA order, this machine's speed drifts) and samples
+each process tree's memory. Figures, one `name: value`
 line each (defined in docs/performance.md):
 
 - `online_step_ms`, `store_step_ms`: median step time (with `_min`/`_max`), warm-up excluded;
@@ -116,7 +117,14 @@ class Child:
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._sample, daemon=True)
         self._watch.start()
-        self.ready = self._read()
+        self._ready = False  # its "ready" line is read by `wait_ready` (or the first `run`)
+
+    def wait_ready(self) -> None:
+        """Wait until the child has built its model and loader. Children constructed together
+        start up together (start-up is not measured)."""
+        if not self._ready:
+            self._read()
+            self._ready = True
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
@@ -134,11 +142,13 @@ class Child:
         return json.loads(line)
 
     def run(self, steps: int) -> list[dict]:
+        self.wait_ready()
         self.proc.stdin.write(f"run {steps}\n")
         self.proc.stdin.flush()
         return self._read()["rows"]
 
     def quit(self) -> dict:
+        self.wait_ready()
         self.proc.stdin.write("quit\n")
         self.proc.stdin.flush()
         out = self._read()
@@ -163,6 +173,8 @@ def compare(setup: Setup, args: argparse.Namespace, workdir: Path) -> dict[str, 
     store = Child("store", setup, args, workdir / "store.log")
     procs = Child("store", setup, args, workdir / "store_processes.log", backend="processes")
     children = {"online": online, "store": store, "processes": procs}
+    for child in children.values():  # started together above; each warmed up alone
+        child.wait_ready()
     for child in children.values():
         child.run(args.warmup)
     rows: dict[str, list[dict]] = {way: [] for way in children}
@@ -224,10 +236,18 @@ def data_wait(setup: Setup, args: argparse.Namespace, workdir: Path) -> dict[str
     }
     rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
     for r in range(args.wait_rounds):
-        for name in configs if r % 2 == 0 else reversed(configs):
+        order = list(configs) if r % 2 == 0 else list(reversed(configs))
+        # A round's fresh children start up together (not measured), then each is warmed up
+        # and measured alone while the others wait idle, their read-ahead queues full.
+        children = {}
+        for name in order:
             backend, threads = configs[name]
             log = workdir / f"wait{name or '_threads'}.log"
-            child = Child("store", setup, args, log, backend=backend, threads=threads)
+            children[name] = Child("store", setup, args, log, backend=backend, threads=threads)
+        for child in children.values():
+            child.wait_ready()
+        for name in order:
+            child = children[name]
             child.run(args.wait_warmup)  # drains the batches prefetched while workers started
             rows = child.run(args.wait_steps)
             child.quit()
