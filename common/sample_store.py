@@ -32,10 +32,8 @@ from cogfun.common.store import Location, location
 from torch import Tensor
 
 STORE_FILE = "validation_prompts.safetensors"
-NEGATIVE_PROMPT = "bad detailed"
-HEADER_LIMIT = (
-    100 << 20
-)  # safetensors' own bound on a header's size  # the original trainer's validation negative prompt
+NEGATIVE_PROMPT = "bad detailed"  # the original trainer's validation negative prompt
+HEADER_LIMIT = 100 << 20  # safetensors' own bound on a header's size
 FROM_STORE = "store"  # `cogfun train --validation-prompts store`
 
 log = logging.getLogger("cogfun.precompute")

@@ -26,6 +26,8 @@ import threading
 import time
 import uuid
 
+from cogfun.testing.runs import free_port
+
 REGION = "us-east-1"
 ACCESS_KEY = "cogfun-test-key"
 SECRET_KEY = "cogfun-test-secret"
@@ -39,7 +41,7 @@ class S3Server:
     would go on being served by their handler threads after the port closed."""
 
     def __init__(self, port: int = 0, keep_alive: bool = False):
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.keep_alive = keep_alive
         self._server = None
         self._thread: threading.Thread | None = None
@@ -168,12 +170,6 @@ class S3Server:
         }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """The same server in a child process (`python -m cogfun.testing.s3 --port P`): for benches,
     so that serving requests does not take this process's GIL from the loader it measures."""
@@ -182,7 +178,7 @@ class ServerProcess:
         import subprocess
         import sys
 
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cogfun.testing.s3", "--port", str(self.port)],
             stdout=subprocess.DEVNULL,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cogfun.testing.runs import train_args
+from cogfun.testing.runs import free_port, train_args
 from safetensors.torch import load_file
 from train_support import (
     cli_env,
@@ -31,8 +30,6 @@ from train_support import (
 )
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +75,6 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(shared, tmp_path):
     assert not list(out.glob(".tmp-checkpoint-*"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(
     nproc: int, store: Path, model: Path, out: Path, **options
 ) -> subprocess.CompletedProcess:
@@ -92,7 +83,7 @@ def _launch(
     env = cli_env(threads=1)
     env["ACCELERATE_USE_CPU"] = "true"
     head = [accelerate, "launch", "--num_processes", str(nproc), "--num_machines", "1"]
-    head += ["--main_process_port", str(_free_port()), "--dynamo_backend", "no"]
+    head += ["--main_process_port", str(free_port()), "--dynamo_backend", "no"]
     head += ["--multi_gpu", "--mixed_precision", "no"]
     args = train_args(store, model, out, **options)
     res = subprocess.run(

@@ -66,11 +66,6 @@ def parse_options(text: str | None, flag: str = "--storage-options") -> dict:
     return value
 
 
-def is_url(where: str | Path) -> bool:
-    text = str(where)
-    return "://" in text and not text.startswith("file://")
-
-
 def location(where: str | Path | Location, options: dict | None = None) -> Location:
     """The Location of a local path or an object-store URL (with `options`, else the defaults)."""
     if isinstance(where, Location):

@@ -257,15 +257,12 @@ class ShardFiles:
     def unstage(self, rows: Iterable[int]) -> None:
         """Remove the staged files of `rows` (those there are: on an object store, one listing
         and bulk deletes)."""
-        if self.folder.local:
-            for row in rows:
-                for part in range(self.parts):
-                    self.staged_path(row, part).delete()
-            return
         staged = self.folder / STAGED_DIR
-        present = set(staged.listdir())
         names = [f"{int(r)}.{p}" for r in rows for p in range(self.parts)]
-        staged.delete_many([n for n in names if n in present])
+        if not self.folder.local:  # only those there: some stores stop a bulk delete at a miss
+            present = set(staged.listdir())
+            names = [n for n in names if n in present]
+        staged.delete_many(names)
 
     # ---- sealing ----
 

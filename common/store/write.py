@@ -60,9 +60,7 @@ def clear_failures(path: str | Path | Location) -> None:
     """Drop every failure record: a run records afresh what it cannot store (a row gone from the
     dataset leaves no stale record; a sample that fails again is recorded again)."""
     folder = location(path) / FAILURES_DIR
-    for name in folder.listdir():
-        if name.endswith(".json"):
-            (folder / name).delete()
+    folder.delete_many([name for name in folder.listdir() if name.endswith(".json")])
 
 
 def now_iso() -> str:
